@@ -1,0 +1,684 @@
+"""Typed configuration for owl-jax.
+
+One `Config` object describes a whole run (model, mesh, optimizer, data, training), so a run can be
+reproduced from its saved config alone. Configs are YAML files with an optional `base:` include chain and
+`section.key=value` command-line overrides; every key is checked against these dataclasses so that a typo
+is an error naming the key and the closest valid names rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT as mPLUG-Owl uses it (ViT-L/14 @224 by default; see DESIGN.md §2)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    # mPLUG-Owl uses 1e-6 for every LayerNorm of the tower (CLIP itself uses 1e-5).
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1
+
+
+@dataclass
+class AbstractorConfig:
+    """Perceiver-style visual abstractor: learned queries cross-attend to [queries ; patch features]."""
+
+    hidden_size: int = 1024
+    num_layers: int = 6
+    num_heads: int = 16
+    intermediate_size: int = 2816
+    num_queries: int = 64
+    # norm1 / normk / norm2 are torch-default LayerNorms (1e-5); ffn_ln uses layer_norm_eps (1e-6).
+    norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.1
+    # The official code starts the queries at zero; we draw them from N(0, query_init_std).
+    query_init_std: float = 0.02
+
+
+@dataclass
+class RopeScalingConfig:
+    """llama3-style RoPE frequency scaling. `type: none` disables it."""
+
+    type: str = "none"  # none | llama3 | linear
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class TextConfig:
+    """LLaMA decoder with Hugging Face `LlamaForCausalLM` semantics."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    # Grouped-query attention: fewer key/value heads than query heads. 0 means "same as num_heads".
+    num_kv_heads: int = 0
+    # 0 means hidden_size // num_heads.
+    head_dim: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on Linear layers whose path matches one of `targets` (regular expressions)."""
+
+    rank: int = 0  # 0 = no adapters
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: [r"language_model\..*\.(q_proj|v_proj)$"])
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Compute dtype of matmuls/activations; norms and softmax always run in float32.
+    dtype: str = "float32"
+    # Storage dtype of parameters (trainable master copies should stay float32).
+    param_dtype: str = "float32"
+    # Storage dtype for frozen parameters; empty = param_dtype. bfloat16 halves their memory.
+    frozen_param_dtype: str = ""
+    # Rematerialisation policy per layer: none | full | dots | dots_no_batch
+    remat_policy: str = "none"
+    # Stack layers and run them with a scan (faster compiles for deep models).
+    scan_layers: bool = False
+    # jax.nn.dot_product_attention implementation: xla | cudnn
+    attention_impl: str = "xla"
+    # Tokens per chunk of the vocabulary projection in the loss (0 = all at once).
+    loss_chunk_size: int = 1024
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens spliced per image: the abstracted queries plus the learned `vit_eos`."""
+        return self.abstractor.num_queries + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Mesh, optimizer, data, training
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_axis_rules() -> list[list]:
+    # Logical axis name -> mesh axes (None = replicated), in the spirit of MaxText's logical_axis_rules.
+    return [
+        ["batch", ["data", "fsdp"]],
+        ["embed", "fsdp"],
+        ["vision_embed", "fsdp"],
+        ["mlp", "tensor"],
+        ["heads", "tensor"],
+        ["kv_heads", "tensor"],
+        ["head_dim", None],
+        ["vocab", "tensor"],
+        ["qkv", None],
+        ["norm", None],
+        ["layers", None],
+        ["queries", None],
+        ["lora_rank", None],
+        ["patch", None],
+        ["positions", None],
+    ]
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh (`data`, `fsdp`, `tensor`); one axis may be -1 = all remaining devices."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    # Multi-slice TPU: the data-parallel degree across slices (over DCN).
+    dcn_data: int = 1
+    logical_axis_rules: list[list] = field(default_factory=_default_axis_rules)
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    decay_steps: int = 0  # 0 = training.steps
+    end_learning_rate_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip_norm: float = 1.0
+    # Path regex -> learning-rate multiplier, e.g. {"vision_model": 0.1}.
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "captions"  # captions | instructions | text | synthetic
+    train_paths: list[str] = field(default_factory=list)
+    eval_paths: list[str] = field(default_factory=list)
+    tokenizer: str = ""
+    seq_len: int = 2048
+    global_batch_size: int = 256
+    # Fixed number of image slots per global batch (static shapes).
+    images_per_batch: int = 256
+    packing: bool = False
+    shuffle_buffer: int = 1000
+    num_workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    stage: str = "pretrain"  # pretrain | instruct_lora | instruct_full | lm_pretrain
+    steps: int = 1000
+    grad_accum_steps: int = 1
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config dataclass (for YAML/JSON dumps)."""
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML files with `base:` includes, command-line overrides, typed conversion, validation
+# --------------------------------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """A mistake in a config file or override. The message is complete on its own (shown without traceback)."""
+
+
+# YAML 1.1 (PyYAML) wants a dot in a float (`1.0e-4`), so `learning_rate: 1e-4` would load as the string
+# '1e-4' and fail the type check. This resolver also accepts the dot-less exponent form.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT_PATTERN = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (subclassed so that `yaml.SafeLoader` itself stays untouched)."""
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings like '1e-4' (which `_YamlLoader` would read back as floats) and writes
+    lists of scalars on one line, keeping dumps short but mappings in readable block style."""
+
+
+_YamlLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_PATTERN, list("-+0123456789."))
+_YamlDumper.add_implicit_resolver(_FLOAT_TAG, _FLOAT_PATTERN, list("-+0123456789."))
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    """Flow style (`[a, b]`) only for lists of scalars, so axis rules and path lists stay one line each."""
+    flow = all(not isinstance(item, (list, dict)) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_YamlDumper.add_representer(list, _represent_list)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text, turning syntax errors into a ConfigError that names where the text came from."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"invalid YAML in {source}: {e}") from None
+
+
+# ---- files and includes ----------------------------------------------------------------------------
+
+
+def _read_yaml_file(path: Path, included_by: Path | None) -> dict:
+    """Read one YAML file as a mapping (an empty file is an empty mapping)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if included_by is None:
+            raise ConfigError(f"config file not found: {str(path)!r}") from None
+        raise ConfigError(f"base file not found: {str(path)!r} (included from {str(included_by)!r})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
+    data = _parse_yaml(text, repr(str(path)))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must contain a mapping at top level, got {_describe(data)}")
+    return data
+
+
+def _base_paths(data: dict, path: Path) -> list[Path]:
+    """The files named by a file's `base:` key, resolved relative to that file's directory."""
+    base = data.pop("base", None)
+    if base is None:
+        return []
+    names = [base] if isinstance(base, str) else base
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"'base' in {str(path)!r} must be a file name or a list of file names, got {_describe(base)}")
+    return [path.parent / os.path.expanduser(n) for n in names]
+
+
+def _load_tree(path: Path, chain: tuple[Path, ...] = (), included_by: Path | None = None) -> dict:
+    """Load a file and its `base:` chain (recursively) into one merged dict; `chain` detects include cycles."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved):], resolved))
+        raise ConfigError(f"include cycle in 'base:' files: {cycle}")
+    data = _read_yaml_file(path, included_by)
+    merged: dict = {}
+    for base_path in _base_paths(data, path):
+        merged = _deep_merge(merged, _load_tree(base_path, (*chain, resolved), included_by=path))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    """Merge `update` over `base`: mappings merge recursively, lists and scalars replace.
+
+    An empty (null) value over a mapping keeps the mapping, so a section header left empty in a child file
+    (`model:` with everything commented out) does not wipe what the base file set.
+    """
+    out = dict(base)
+    for key, value in update.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out[key] = _deep_merge(old, value)
+        elif isinstance(old, dict) and value is None:
+            continue
+        else:
+            out[key] = value
+    return out
+
+
+# ---- overrides ---------------------------------------------------------------------------------------
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.c=value` into its key path and the YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"malformed override {text!r}: expected section.key=value")
+    parts = key.split(".")
+    if not key or any(not p.strip() for p in parts):
+        raise ConfigError(f"malformed override {text!r}: the key must be dotted names like model.text.num_layers")
+    return [p.strip() for p in parts], _parse_yaml(raw, f"override {text!r}")
+
+
+def _apply_override(tree: dict, keys: list[str], value: Any) -> None:
+    """Set `tree[k1][k2]...[kn] = value`, creating (or replacing non-mapping) intermediate levels."""
+    node = tree
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+# ---- typed conversion ----------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    """`str 'four'`-style description of a received value for error messages."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of a field's annotated type (`int`, `list[str]`, `dict[str, float]`, `int or null`)."""
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping (section {tp.__name__})"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_optional(tp):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + " or null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args else origin.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_optional(tp: Any) -> bool:
+    """True for `Optional[X]` and `X | None` alike (both spellings may appear in annotations)."""
+    origin = typing.get_origin(tp)
+    return origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _join(section: str, key: str) -> str:
+    """Dotted name of `key` inside `section` (the top level has an empty section name)."""
+    return f"{section}.{key}" if section else key
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert one value against an annotated type; `key` is the dotted name used in errors."""
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is Any:
+        return value
+    if _is_optional(tp):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], value, key)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        for option in args:
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                pass
+        raise _type_error(key, tp, value)
+    if tp is list or origin is list:
+        return _convert_list(tp, args, value, key)
+    if tp is dict or origin is dict:
+        return _convert_dict(tp, args, value, key)
+    return _convert_scalar(tp, value, key)
+
+
+def _type_error(key: str, tp: Any, value: Any) -> ConfigError:
+    """One wording for every type mismatch: `key: expected T, got type value`."""
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
+    """int / float / bool / str, strictly: bools are not numbers, and an int field takes no fractional float."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+    else:
+        return value  # an annotation we do not model: take the value as given
+    raise _type_error(key, tp, value)
+
+
+def _convert_list(tp: Any, args: tuple, value: Any, key: str) -> list:
+    """Lists of a typed item (`list[str]`) are checked item by item; a bare `list` item is taken as given."""
+    if not isinstance(value, list):
+        raise _type_error(key, tp, value)
+    if not args:
+        return list(value)
+    return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+
+
+def _convert_dict(tp: Any, args: tuple, value: Any, key: str) -> dict:
+    """Mappings with string keys; values checked against the annotated value type."""
+    if not isinstance(value, dict):
+        raise _type_error(key, tp, value)
+    if not args:
+        return dict(value)
+    key_type, value_type = args
+    return {
+        _convert(key_type, k, f"{key} (key {k!r})"): _convert(value_type, v, _join(key, str(k)))
+        for k, v in value.items()
+    }
+
+
+def _unknown_key_error(cls: type, key: str, section: str) -> ConfigError:
+    """Name the dotted key, its section, the closest valid names and every valid name."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    where = f"in section {section!r}" if section else "at top level"
+    close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    return ConfigError(f"unknown key {_join(section, str(key))!r} {where}{hint} Valid keys: {', '.join(valid)}")
+
+
+def from_dict(cls: type, data: Any, section: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and value; missing keys keep defaults.
+
+    `section` is the dotted name of `data` (empty at top level) so that errors name the full key.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        name = f"section {section!r}" if section else "the config"
+        raise ConfigError(f"{name} must be a mapping of keys to values, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(cls, key, section)
+        kwargs[key] = _convert(hints[key], value, _join(section, key))
+    return cls(**kwargs)
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_ATTENTION_IMPLS = ("xla", "cudnn")
+_ROPE_SCALING_TYPES = ("none", "llama3", "linear")
+_STAGES = ("pretrain", "instruct_lora", "instruct_full", "lm_pretrain")
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _check_choice(problems: list[str], key: str, value: str, choices: Sequence[str]) -> None:
+    """String options are free-form in the dataclasses; catch typos here instead of deep in the model code."""
+    if value not in choices:
+        problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(problems: list[str], section: str, obj: Any, names: Sequence[str]) -> None:
+    """Sizes that must be >= 1 (zero would give empty arrays or divisions by zero later)."""
+    for name in names:
+        if getattr(obj, name) < 1:
+            problems.append(f"{section}.{name} must be >= 1, got {getattr(obj, name)}")
+
+
+def _check_regexes(problems: list[str], key: str, patterns: Sequence[str]) -> None:
+    """Path regexes are compiled only when parameters are matched; report a bad one at load time instead."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            problems.append(f"{key}: invalid regular expression {pattern!r}: {e}")
+
+
+def _divisibility_problems(v: VisionConfig, a: AbstractorConfig, t: TextConfig) -> list[str]:
+    """Head/patch splits that must come out even, and the abstractor width that must match the vision width."""
+    p: list[str] = []
+    if v.image_size % v.patch_size:
+        p.append(f"model.vision.image_size ({v.image_size}) must be divisible by patch_size ({v.patch_size})")
+    if v.hidden_size % v.num_heads:
+        p.append(f"model.vision.hidden_size ({v.hidden_size}) must be divisible by num_heads ({v.num_heads})")
+    if a.hidden_size % a.num_heads:
+        p.append(f"model.abstractor.hidden_size ({a.hidden_size}) must be divisible by num_heads ({a.num_heads})")
+    if a.hidden_size != v.hidden_size:
+        p.append(
+            f"model.abstractor.hidden_size ({a.hidden_size}) must equal model.vision.hidden_size ({v.hidden_size}): "
+            "the abstractor concatenates its queries with the image features for keys/values"
+        )
+    if t.head_dim == 0 and t.hidden_size % t.num_heads:
+        p.append(
+            f"model.text.hidden_size ({t.hidden_size}) must be divisible by num_heads ({t.num_heads}) "
+            "when head_dim is 0"
+        )
+    if t.num_heads % t.kv_heads:
+        p.append(f"model.text.num_heads ({t.num_heads}) must be divisible by num_kv_heads ({t.kv_heads})")
+    return p
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
+    """Shape and option checks that would otherwise fail deep inside model init or at trace time."""
+    p: list[str] = []
+    v, a, t = m.vision, m.abstractor, m.text
+    _check_positive(p, "model.vision", v, ("hidden_size", "num_layers", "num_heads", "image_size", "patch_size"))
+    _check_positive(p, "model.abstractor", a, ("hidden_size", "num_layers", "num_heads", "num_queries"))
+    _check_positive(p, "model.text", t, ("vocab_size", "hidden_size", "num_layers", "num_heads"))
+    if t.head_dim < 0 or t.num_kv_heads < 0:
+        p.append("model.text.head_dim and model.text.num_kv_heads must be >= 0 (0 = derived)")
+    if not p:  # the divisibility checks divide by these sizes
+        p += _divisibility_problems(v, a, t)
+    _check_choice(p, "model.text.rope_scaling.type", t.rope_scaling.type, _ROPE_SCALING_TYPES)
+    _check_choice(p, "model.dtype", m.dtype, _DTYPES)
+    _check_choice(p, "model.param_dtype", m.param_dtype, _DTYPES)
+    if m.frozen_param_dtype:
+        _check_choice(p, "model.frozen_param_dtype", m.frozen_param_dtype, _DTYPES)
+    _check_choice(p, "model.remat_policy", m.remat_policy, _REMAT_POLICIES)
+    _check_choice(p, "model.attention_impl", m.attention_impl, _ATTENTION_IMPLS)
+    if m.loss_chunk_size < 0:
+        p.append(f"model.loss_chunk_size must be >= 0, got {m.loss_chunk_size}")
+    if m.lora.rank < 0:
+        p.append(f"model.lora.rank must be >= 0, got {m.lora.rank}")
+    _check_regexes(p, "model.lora.targets", m.lora.targets)
+    return p
+
+
+def _mesh_problems(mesh: MeshConfig) -> list[str]:
+    """At most one axis may be -1 (= the remaining devices); every other axis is an explicit size >= 1."""
+    p: list[str] = []
+    axes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    wildcards = [name for name, size in axes.items() if size == -1]
+    if len(wildcards) > 1:
+        p.append(f"mesh: at most one of data/fsdp/tensor may be -1, got -1 for {', '.join(wildcards)}")
+    for name, size in axes.items():
+        if size != -1 and size < 1:
+            p.append(f"mesh.{name} must be >= 1 or -1 (all remaining devices), got {size}")
+    if mesh.dcn_data < 1:
+        p.append(f"mesh.dcn_data must be >= 1, got {mesh.dcn_data}")
+    return p
+
+
+def _run_problems(config: Config) -> list[str]:
+    """Optimizer, data and training options."""
+    p: list[str] = []
+    _check_choice(p, "optimizer.schedule", config.optimizer.schedule, _SCHEDULES)
+    _check_regexes(p, "optimizer.lr_multipliers", list(config.optimizer.lr_multipliers))
+    _check_choice(p, "training.stage", config.training.stage, _STAGES)
+    _check_positive(p, "data", config.data, ("seq_len", "global_batch_size"))
+    _check_positive(p, "training", config.training, ("grad_accum_steps",))
+    return p
+
+
+def validate(config: Config) -> Config:
+    """Semantic checks across fields; raises one ConfigError listing every problem found. Returns `config`."""
+    problems = _model_problems(config.model) + _mesh_problems(config.mesh) + _run_problems(config)
+    if len(problems) == 1:
+        raise ConfigError(f"invalid config: {problems[0]}")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {x}" for x in problems))
+    return config
+
+
+# ---- public entry points -------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config with its `base:` chain, apply `key=value` overrides, type-check and validate it."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'key=value' strings, not a single string")
+    tree = _load_tree(Path(path))
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _apply_override(tree, keys, value)
+    return validate(from_dict(Config, tree))
+
+
+def config_from_dict(d: dict) -> Config:
+    """Typed, validated Config from a plain dict such as the one `dump_config`/`to_dict` saved with a run."""
+    return validate(from_dict(Config, d))
+
+
+def dump_config(config: Config) -> str:
+    """YAML text of a resolved config; loading it back gives an equal Config."""
+    return yaml.dump(to_dict(config), Dumper=_YamlDumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m owl_jax.config --config FILE [key=value ...]`: print the resolved config as YAML."""
+    parser = argparse.ArgumentParser(prog="python -m owl_jax.config", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. model.text.num_layers=4")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Reading and writing PyTorch-side weight files without pickle.
+
+Safetensors are parsed directly (8-byte header length, JSON header, raw little-endian data) and
+memory-mapped, so tensors can be read one at a time — the basis of streaming import of 7B-scale
+checkpoints — and bfloat16 works without torch. Legacy `.bin` files go through
+`torch.load(weights_only=True)`, which refuses arbitrary pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+class WeightFileError(ValueError):
+    """A weight file or directory is missing, unreadable or not what it claims to be."""
+
+
+class SafetensorsFile:
+    """Lazy, memory-mapped view of one `.safetensors` file: `keys()`, `shape(k)`, `read(k)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > 100 * 2**20:
+                    raise WeightFileError(f"{self.path}: implausible safetensors header ({header_len} bytes)")
+                header = json.loads(f.read(header_len))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightFileError(f"{self.path}: not a readable safetensors file ({e})") from e
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self._entries = header
+        self._data_start = 8 + header_len
+        self._size = self.path.stat().st_size
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def read(self, key: str) -> np.ndarray:
+        entry = self._entries[key]
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        if self._data_start + end > self._size:
+            raise WeightFileError(f"{self.path}: tensor {key!r} extends past the end of the file (truncated?)")
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            buf = f.read(end - begin)
+        return np.frombuffer(buf, dtype=dtype).reshape(entry["shape"]).copy()
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file (keys sorted, 8-byte aligned header, like the reference writer)."""
+    header, offset, arrays = {}, 0, []
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        if arr.dtype not in _NAMES:
+            raise WeightFileError(f"cannot store dtype {arr.dtype} of {key!r} in safetensors")
+        header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+
+
+def _torch_load(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise WeightFileError(f"{path}: reading legacy .bin weights needs torch (pip install torch)") from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad or unsafe pickles
+        raise WeightFileError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    out = {}
+    for key, t in state.items():
+        if not hasattr(t, "detach"):
+            continue
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            out[key] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[key] = t.numpy()
+    return out
+
+
+def _index_files(directory: Path, index_name: str) -> list[Path]:
+    index = json.loads((directory / index_name).read_text())
+    return [directory / f for f in sorted(set(index["weight_map"].values()))]
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint file or directory (safetensors preferred over .bin)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise WeightFileError(f"{path}: no such file or directory")
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+                          ("adapter_model.safetensors", None), ("adapter_model.bin", None)):
+        if (path / single).is_file():
+            return [path / single]
+        if index and (path / index).is_file():
+            files = _index_files(path, index)
+            absent = [str(f) for f in files if not f.is_file()]
+            if absent:
+                raise WeightFileError(f"{path / index} names missing shard files: {', '.join(absent)}")
+            return files
+    raise WeightFileError(f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                          f"pytorch_model.bin.index.json (is this a Hugging Face checkpoint directory?)")
+
+
+def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, array) one tensor at a time; host memory holds one tensor for safetensors inputs."""
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            st = SafetensorsFile(f)
+            for key in st.keys():
+                yield key, st.read(key)
+        elif f.suffix in (".bin", ".pt", ".pth"):
+            yield from _torch_load(f).items()
+        else:
+            raise WeightFileError(f"{f}: unknown weight file type (expected .safetensors or .bin)")
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    return dict(iter_tensors(path))

@@ -1,0 +1,267 @@
+"""Building blocks shared by the vision tower, the abstractor and the LLaMA decoder.
+
+Every parameter is created with `nnx.with_partitioning(init, logical_axes)`: the *logical* names
+(`embed`, `mlp`, `heads`, ...) are only metadata here; `owl_jax.sharding` maps them to mesh axes with the
+rules table of the config. Models are therefore built under `nnx.use_eager_sharding(False)` (see
+`owl_jax.models.owl.build_model`), so that construction never needs a mesh.
+
+Norms compute in float32 whatever the compute dtype (bf16 statistics drift); matmuls run in the
+configured compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+    return DTYPES[name]
+
+
+def normal_init(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def fan_in_init():
+    """N(0, 1/fan_in) on the `in` axis of an (in, out) kernel: keeps activations O(1) at any width."""
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=0, out_axis=-1)
+
+
+class LoRA(nnx.Module):
+    """Low-rank adapter `x -> dropout(x) @ a @ b * alpha / r` added to a Dense layer's output.
+
+    `b` starts at zero so an adapted model equals its base until trained. Leaves are `nnx.LoRAParam`,
+    which lets training filter them (the stage-2 trainable set) without path matching.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, dropout: float,
+                 in_axis: Optional[str], out_axis: Optional[str], param_dtype, rngs: nnx.Rngs):
+        self.rank = rank
+        self.scaling = alpha / rank
+        a_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=0, out_axis=1)
+        self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), param_dtype),
+                                    out_sharding=(in_axis, "lora_rank"))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype),
+                                    out_sharding=("lora_rank", out_axis))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        a = self.lora_a[...].astype(x.dtype)
+        b = self.lora_b[...].astype(x.dtype)
+        return (x @ a) @ b * jnp.asarray(self.scaling, x.dtype)
+
+    def delta(self) -> jax.Array:
+        """The dense (in, out) update this adapter adds to its layer's kernel."""
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        return a @ b * self.scaling
+
+
+class Dense(nnx.Module):
+    """`y = x @ kernel + bias` with an (in, out) kernel, logical axis names and an optional LoRA adapter."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[Optional[str], Optional[str]],
+                 use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+                 kernel_init: Callable | None = None):
+        kernel_init = kernel_init or fan_in_init()
+        self.in_features, self.out_features = in_features, out_features
+        self.axes = tuple(axes)
+        self.dtype = dtype
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype),
+                                out_sharding=self.axes)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(self.axes[1],))
+                     if use_bias else None)
+        self.lora: LoRA | None = nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32; the result is cast back to the input dtype."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, axis_name: str = "norm"):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm exactly as HF computes it: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + self.eps)
+        return self.scale[...].astype(dtype) * h.astype(dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+              q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+              implementation: str = "xla") -> jax.Array:
+    """Scaled dot-product attention on [B, T, N, H] queries and [B, S, K, H] keys/values (K divides N).
+
+    Segment ids (packed rows) restrict attention to equal ids; combined with `causal` this is the
+    block-diagonal causal mask of packed sequences. Softmax runs in float32 inside
+    `jax.nn.dot_product_attention`.
+    """
+    mask = None
+    if q_segment_ids is not None:
+        kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
+    impl = None if implementation == "xla" else implementation
+    if impl is None:
+        impl = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=impl)
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LayerStack(nnx.Module):
+    """N identical layers, either as a Python list (`layers.0`, `layers.1`, ...) or stacked along a
+    leading `layers` axis and run with `nnx.scan` (one traced body: compile time independent of depth).
+
+    Each layer is called as `layer(x, *broadcast) -> x`; `remat_policy` wraps that call in `nnx.remat`.
+    """
+
+    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *, rngs: nnx.Rngs,
+                 scan: bool, remat_policy: str):
+        self.scan = scan
+        self.num_layers = num_layers
+        self.remat_policy = remat_policy
+        if scan:
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def create(r):
+                return make_layer(r)
+
+            self.layers = create(rngs)
+        else:
+            self.layers = nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+    def _wrap(self, fn):
+        if self.remat_policy == "none":
+            return fn
+        return nnx.remat(fn, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
+
+    def __call__(self, x: jax.Array, *broadcast) -> jax.Array:
+        def body(layer, h):
+            return layer(h, *broadcast)
+
+        body = self._wrap(body)
+        if not self.scan:
+            for layer in self.layers:
+                x = body(layer, x)
+            return x
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def run(layer, h):
+            return body(layer, h)
+
+        return run(self.layers, x)
+
+    def collect(self, x: jax.Array, *broadcast) -> tuple[jax.Array, list[jax.Array]]:
+        """Like __call__ but also returns every layer's output (for parity checks and debugging)."""
+        outs = []
+        if not self.scan:
+            for layer in self.layers:
+                x = layer(x, *broadcast)
+                outs.append(x)
+            return x, outs
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0),
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def run(layer, h):
+            h = layer(h, *broadcast)
+            return h, h
+
+        x, stacked = run(self.layers, x)
+        return x, [stacked[i] for i in range(self.num_layers)]
+
+
+def path_str(path: Sequence) -> str:
+    """`('language_model', 'layers', 0, 'attn', 'q_proj')` -> `language_model.layers.0.attn.q_proj`."""
+    return ".".join(str(p) for p in path)
+
+
+def apply_lora(model: nnx.Module, *, targets: Sequence[str], rank: int, alpha: float, dropout: float,
+               rngs: nnx.Rngs) -> list[str]:
+    """Attach LoRA adapters to every `Dense` whose dotted path matches one of the `targets` regexes
+    (searched, not anchored). Returns the adapted paths; no match at all is an error, since a typo in a
+    target pattern would otherwise train nothing."""
+    patterns = [re.compile(t) for t in targets]
+    adapted = []
+    for path, module in nnx.iter_graph(model):
+        if not isinstance(module, Dense):
+            continue
+        name = path_str(path)
+        if not any(p.search(name) for p in patterns):
+            continue
+        param_dtype = module.kernel[...].dtype
+        if module.kernel[...].ndim == 2:
+            module.lora = nnx.data(LoRA(module.in_features, module.out_features, rank=rank, alpha=alpha,
+                               dropout=dropout, in_axis=module.axes[0], out_axis=module.axes[1],
+                               param_dtype=param_dtype, rngs=rngs))
+        else:  # stacked (scanned) layers: one adapter per layer along the leading axis
+            n = module.kernel[...].shape[0]
+
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r, m=module):
+                return LoRA(m.in_features, m.out_features, rank=rank, alpha=alpha, dropout=dropout,
+                            in_axis=m.axes[0], out_axis=m.axes[1], param_dtype=param_dtype, rngs=r)
+
+            module.lora = nnx.data(make(rngs))
+        adapted.append(name)
+    if not adapted:
+        raise ValueError(f"LoRA targets {list(targets)} match no Linear layer of the model")
+    return adapted
+
+
+def merge_lora(model: nnx.Module) -> list[str]:
+    """Fold every adapter into its base kernel (`W += a @ b * alpha/r`) and remove it."""
+    merged = []
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Dense) and module.lora is not None:
+            kernel = module.kernel[...]
+            delta = jnp.einsum("...ir,...ro->...io", module.lora.lora_a[...].astype(jnp.float32),
+                               module.lora.lora_b[...].astype(jnp.float32)) * module.lora.scaling
+            module.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            module.lora = nnx.data(None)
+            merged.append(path_str(path))
+    return merged

@@ -1,0 +1,33 @@
+"""owl-jax: train mPLUG-Owl-style multimodal LLMs with JAX/Flax on TPU pods, GPUs and CPUs."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="owl-jax",
+    version="0.1.0",
+    description="mPLUG-Owl-style multimodal LLM training in JAX/Flax NNX (pjit sharding, LoRA, HF interop)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["owl_jax", "owl_jax.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
+        "pyyaml>=6.0",
+        "pillow>=10",
+        "webdataset>=1.0",
+        "sentencepiece>=0.2",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The PyTorch side of parity and export tests. torch is pinned to the CPU build used for the
+        # golden references; safetensors/peft/transformers load what owl-jax exports.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17", "safetensors>=0.4"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+    },
+)
