@@ -55,6 +55,8 @@ class SafetensorsFile:
 
     def read(self, key: str) -> np.ndarray:
         entry = self._entries[key]
+        if entry["dtype"] not in _DTYPES:
+            raise WeightFileError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
         dtype = np.dtype(_DTYPES[entry["dtype"]])
         begin, end = entry["data_offsets"]
         if self._data_start + end > self._size:
@@ -70,7 +72,7 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     """Write a safetensors file (keys sorted, 8-byte aligned header, like the reference writer)."""
     header, offset, arrays = {}, 0, []
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.asarray(tensors[key], order="C")  # (np.ascontiguousarray turns 0-d into 1-d)
         if arr.dtype not in _NAMES:
             raise WeightFileError(f"cannot store dtype {arr.dtype} of {key!r} in safetensors")
         header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
@@ -112,8 +114,11 @@ def _torch_load(path: Path) -> dict[str, np.ndarray]:
 
 
 def _index_files(directory: Path, index_name: str) -> list[Path]:
-    index = json.loads((directory / index_name).read_text())
-    return [directory / f for f in sorted(set(index["weight_map"].values()))]
+    try:
+        names = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightFileError(f"{directory / index_name}: not a readable checkpoint index ({e!r})") from e
+    return [directory / f for f in names]
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:

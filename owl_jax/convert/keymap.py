@@ -75,7 +75,16 @@ def tensors_to_params(tensors: Mapping[str, np.ndarray], rules: list[TensorRule]
     if missing or unexpected:
         parts = [_listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected)) if i]
         raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(parts))
-    return {r.path: r.to_jax(np.asarray(tensors[r.key])) for r in rules}
+    out, misshaped = {}, []
+    for r in rules:
+        value = np.asarray(tensors[r.key])
+        try:
+            out[r.path] = r.to_jax(value)
+        except ValueError as e:  # e.g. a reshape_to rule given a tensor of the wrong size
+            misshaped.append(f"{r.key} {tuple(value.shape)} ({e})")
+    if misshaped:
+        raise CheckpointMismatchError(f"{source} does not match the model: " + _listing("mis-shaped", misshaped))
+    return out
 
 
 def params_to_tensors(params: Mapping[str, np.ndarray], rules: list[TensorRule]) -> dict[str, np.ndarray]:

@@ -42,6 +42,12 @@ def load_official(model: nnx.Module, cfg: ModelConfig, path: str | os.PathLike) 
 def load_hf_llama(model: nnx.Module, cfg: ModelConfig, path: str | os.PathLike) -> None:
     """Load HF `LlamaForCausalLM` weights into the language model only."""
     tensors = io.load_tensors(path)
+    if cfg.text.tie_word_embeddings and "lm_head.weight" in tensors:
+        # torch.save'd state dicts (legacy .bin) of tied models keep the alias; drop it only if it is one.
+        if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+            raise CheckpointMismatchError(f"{path}: config ties the embeddings but lm_head.weight differs from "
+                                          f"model.embed_tokens.weight")
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     params = tensors_to_params(tensors, llama_rules(cfg.text), ignore=IGNORED_BUFFERS, source=str(path))
     assign_canonical_params(model, params, include=lambda p: p.startswith("language_model.") and not _is_lora(p))
 

@@ -225,8 +225,16 @@ def apply_lora(model: nnx.Module, *, targets: Sequence[str], rank: int, alpha: f
     (searched, not anchored). Returns the adapted paths; no match at all is an error, since a typo in a
     target pattern would otherwise train nothing."""
     patterns = [re.compile(t) for t in targets]
+    with nnx.use_eager_sharding(False):  # logical axis names are metadata; see module docstring
+        adapted = _attach_lora(model, patterns, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
+    if not adapted:
+        raise ValueError(f"LoRA targets {list(targets)} match no Linear layer of the model")
+    return adapted
+
+
+def _attach_lora(model, patterns, *, rank, alpha, dropout, rngs) -> list[str]:
     adapted = []
-    for path, module in nnx.iter_graph(model):
+    for path, module in list(nnx.iter_graph(model)):
         if not isinstance(module, Dense):
             continue
         name = path_str(path)
@@ -238,19 +246,20 @@ def apply_lora(model: nnx.Module, *, targets: Sequence[str], rank: int, alpha: f
                                dropout=dropout, in_axis=module.axes[0], out_axis=module.axes[1],
                                param_dtype=param_dtype, rngs=rngs))
         else:  # stacked (scanned) layers: one adapter per layer along the leading axis
-            n = module.kernel[...].shape[0]
-
-            @nnx.split_rngs(splits=n)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make(r, m=module):
-                return LoRA(m.in_features, m.out_features, rank=rank, alpha=alpha, dropout=dropout,
-                            in_axis=m.axes[0], out_axis=m.axes[1], param_dtype=param_dtype, rngs=r)
-
-            module.lora = nnx.data(make(rngs))
+            module.lora = nnx.data(_stacked_lora(module, module.kernel[...].shape[0], rank=rank, alpha=alpha,
+                                                 dropout=dropout, param_dtype=param_dtype, rngs=rngs))
         adapted.append(name)
-    if not adapted:
-        raise ValueError(f"LoRA targets {list(targets)} match no Linear layer of the model")
     return adapted
+
+
+def _stacked_lora(dense: Dense, num_layers: int, *, rank, alpha, dropout, param_dtype, rngs) -> LoRA:
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return LoRA(dense.in_features, dense.out_features, rank=rank, alpha=alpha, dropout=dropout,
+                    in_axis=dense.axes[0], out_axis=dense.axes[1], param_dtype=param_dtype, rngs=r)
+
+    return make(rngs)
 
 
 def merge_lora(model: nnx.Module) -> list[str]:

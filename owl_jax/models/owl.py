@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from owl_jax.config import ModelConfig
-from owl_jax.loss import masked_mean, token_nll
+from owl_jax.loss import token_nll
 from owl_jax.models.abstractor import VisualAbstractor
 from owl_jax.models.layers import apply_lora
 from owl_jax.models.llama import LlamaModel
@@ -58,14 +58,21 @@ class MplugOwl(nnx.Module):
     def logits(self, tokens: jax.Array, **kwargs) -> jax.Array:
         return self.language_model.logits(self(tokens, **kwargs))
 
-    def loss(self, batch: dict) -> tuple[jax.Array, dict]:
-        """Masked token-mean cross-entropy of a batch dict with `tokens`, `targets`, `loss_mask` and
-        optionally `positions`, `segment_ids`, `pixel_values`, `image_index`."""
+    def loss_terms(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(sum of masked token NLLs, number of loss tokens) of a batch dict with `tokens`, `targets`,
+        `loss_mask` and optionally `positions`, `segment_ids`, `pixel_values`, `image_index`. Sums (not
+        means) so that micro-batches accumulate into exactly the large-batch token mean."""
         hidden = self(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                       pixel_values=batch.get("pixel_values"), image_index=batch.get("image_index"))
         nll = token_nll(hidden, self.language_model.output_kernel(), batch["targets"],
                         chunk_size=self.loss_chunk_size)
-        loss, count = masked_mean(nll, batch["loss_mask"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(jnp.where(mask > 0, nll, 0.0)), mask.sum()
+
+    def loss(self, batch: dict) -> tuple[jax.Array, dict]:
+        """Masked token-mean cross-entropy; 0 (not NaN) when no token is counted."""
+        total, count = self.loss_terms(batch)
+        loss = total / jnp.maximum(count, 1.0)
         return loss, {"loss": loss, "tokens": count}
 
 
@@ -75,6 +82,8 @@ def build_model(cfg: ModelConfig, *, seed: int = 0) -> MplugOwl:
     Built without eager sharding: parameters carry logical axis names as metadata and are placed on a
     mesh by `owl_jax.sharding`, not at construction. Works under `nnx.eval_shape` for abstract builds.
     """
+    # Eager on purpose: each op compiles once per shape and is cached for the process, so repeated
+    # builds are fast; full-size models are created abstractly or by a sharded jitted initialiser.
     with nnx.use_eager_sharding(False):
         rngs = nnx.Rngs(params=seed, dropout=seed + 1)
         model = MplugOwl(cfg, rngs=rngs)

@@ -69,6 +69,42 @@ def plan_image_slots(input_ids: np.ndarray, num_images: np.ndarray, *, tokens_pe
     return index
 
 
+def plan_micro_batched_slots(input_ids: np.ndarray, num_images: np.ndarray, *, tokens_per_image: int,
+                             image_budget: int, num_micro_batches: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slot plan for a batch that the train step splits into `k = num_micro_batches` micro-batches.
+
+    Micro-batch j is rows j, j+k, j+2k, ... (strided, so that every data-parallel shard holds an equal
+    part of each micro-batch) and pixel rows j, j+k, ...: each micro-batch has its own budget of
+    `image_budget / k` images and `image_index` counts within it.
+
+    Returns (image_index [B, T], pixel_row [total images]): the pixel row that each image (in
+    sample-major order of the batch) must be written to.
+    """
+    input_ids = np.asarray(input_ids)
+    num_images = np.asarray(num_images)
+    k = num_micro_batches
+    b = input_ids.shape[0]
+    if b % k or image_budget % k:
+        raise ImageLayoutError(f"batch of {b} rows and {image_budget} image slots cannot be split into {k} "
+                               f"micro-batches evenly")
+    index = np.full(input_ids.shape, -1, np.int32)
+    starts = np.concatenate([[0], np.cumsum(num_images)])
+    pixel_row = np.zeros(int(num_images.sum()), np.int64)
+    for j in range(k):
+        rows = np.arange(j, b, k)
+        try:
+            index[rows] = plan_image_slots(input_ids[rows], num_images[rows], tokens_per_image=tokens_per_image,
+                                           image_budget=image_budget // k)
+        except ImageLayoutError as e:
+            raise ImageLayoutError(f"micro-batch {j} (rows {j}::{k}): {e}") from None
+        local = 0
+        for r in rows:
+            for i in range(starts[r], starts[r + 1]):
+                pixel_row[i] = local * k + j
+                local += 1
+    return index, pixel_row
+
+
 def splice(text_embeds: jax.Array, visual_tokens: jax.Array, image_index: jax.Array) -> jax.Array:
     """Replace the embeddings at image slots with visual tokens.
 

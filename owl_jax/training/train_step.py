@@ -1,0 +1,192 @@
+"""The sharded train state and the jitted train step (pjit: `jax.jit` with NamedShardings, donated state).
+
+- Trainable leaves (chosen by the stage) get gradients and optimizer state; frozen leaves get neither,
+  so XLA drops their weight-gradient matmuls. Frozen leaves may be stored in a lower precision
+  (`model.frozen_param_dtype`), trainable ones stay float32 master copies.
+- Gradient accumulation: the global batch is split into `k` strided micro-batches
+  (`models.splice.plan_micro_batched_slots`) run under `lax.scan`; NLL sums and token counts are
+  accumulated, so k micro-batches of b rows give exactly the gradient of one batch of k·b rows.
+- A step whose loss or gradient norm is not finite leaves parameters and optimizer state unchanged and
+  reports `skipped = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from owl_jax.config import Config
+from owl_jax.models.layers import dtype_of
+from owl_jax.models.owl import MplugOwl, build_model
+from owl_jax.sharding import batch_sharding, state_shardings
+from owl_jax.training.optimizer import make_optimizer
+from owl_jax.training.stages import check_stage, trainable_filter
+
+# Models whose parameters fit comfortably on one host are built eagerly and then placed on the mesh;
+# bigger ones are initialised by a jitted function that writes every shard in place.
+EAGER_INIT_MAX_BYTES = 2 * 2**30
+
+
+class TrainState(nnx.Module):
+    def __init__(self, model: MplugOwl, optimizer: nnx.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs to step: the static graph, shardings and the compiled step function."""
+
+    graphdef: Any
+    state: Any
+    state_sharding: Any
+    mesh: Mesh
+    step_fn: Callable
+    schedule: optax.Schedule
+    trainable: list[str]
+
+    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def put_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Host arrays (the full global batch, single-process) -> globally sharded arrays."""
+        return {k: jax.device_put(np.asarray(v), s) for (k, v), s in zip(batch.items(),
+                                                                            self.batch_sharding(batch).values())}
+
+    def step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        self.state, metrics = self.step_fn(self.state, dict(batch))
+        return metrics
+
+    def model(self) -> MplugOwl:
+        """The current model (a view over the live state)."""
+        return nnx.merge(self.graphdef, self.state).model
+
+
+def _cast_frozen(model: MplugOwl, keep: Callable, dtype) -> None:
+    """Store frozen parameters in `dtype` (e.g. bfloat16 halves the frozen LLM's memory)."""
+    frozen = nnx.All(nnx.Param, nnx.Not(keep))
+    for _, var in nnx.to_flat_state(nnx.state(model, frozen)):
+        var[...] = var[...].astype(dtype)
+
+
+def _init_fn(cfg: Config, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
+    keep = trainable_filter(cfg.training.stage)
+
+    def init() -> TrainState:
+        model = build_model(cfg.model, seed=seed)
+        if cfg.model.frozen_param_dtype and cfg.model.frozen_param_dtype != cfg.model.param_dtype:
+            _cast_frozen(model, keep, dtype_of(cfg.model.frozen_param_dtype))
+        return TrainState(model, nnx.Optimizer(model, tx, wrt=keep))
+
+    return init
+
+
+def _state_bytes(abstract_state) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)
+               if jnp.issubdtype(x.dtype, jnp.number))
+
+
+def abstract_train_state(cfg: Config, mesh: Mesh, *, total_steps: int | None = None, seed: int = 0):
+    """(graphdef, abstract state, state shardings, schedule, init function) without allocating anything."""
+    tx, schedule = make_optimizer(cfg.optimizer, total_steps or cfg.training.steps)
+    init = _init_fn(cfg, tx, seed)
+    abstract = nnx.eval_shape(init)
+    check_stage(abstract.model, cfg.training.stage)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, cfg.mesh.logical_axis_rules)
+    return graphdef, abstract_state, shardings, schedule, init
+
+
+def _select(pred, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def _split_micro_batches(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...] with micro-batch j = rows j, j+k, ... (see plan_micro_batched_slots)."""
+    def split(x):
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return {name: split(x) for name, x in batch.items()}
+
+
+def make_step_function(graphdef, cfg: Config, schedule: optax.Schedule) -> Callable:
+    """The pure train step `(state, batch) -> (state, metrics)` (not yet jitted)."""
+    keep = trainable_filter(cfg.training.stage)
+    k = cfg.training.grad_accum_steps
+
+    def step(state, batch):
+        ts = nnx.merge(graphdef, state)
+        model, optimizer = ts.model, ts.optimizer
+        gdef, params, rngs, rest = nnx.split(model, keep, nnx.RngState, ...)
+
+        def loss_terms(params, rngs, micro):
+            # Fresh Variable objects at this trace level (tree.map rebuilds them), so that dropout may
+            # advance its RNG counters inside grad/scan.
+            m = nnx.merge(gdef, *jax.tree.map(lambda x: x, (params, rngs, rest)))
+            total, count = m.loss_terms(micro)
+            return total, (count, nnx.state(m, nnx.RngState))
+
+        grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
+
+        def accumulate(carry, micro):
+            grads, total, count, rngs = carry
+            (t, (c, rngs)), g = grad_fn(params, rngs, micro)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, total + t, count + c, rngs), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), rngs)
+        (grads, total, count, rngs), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, k))
+        denom = jnp.maximum(count, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+        nnx.update(model, rngs)
+
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Snapshots (tree.map makes new Variable objects; nnx.state alone would alias the live ones).
+        old_params, old_opt = jax.tree.map(lambda x: x, (nnx.state(model, keep), nnx.state(optimizer)))
+        lr = schedule(optimizer.step[...])
+        optimizer.update(model, grads)
+        new_params = nnx.state(model, keep)
+        update_norm = optax.global_norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, old_params))
+        param_norm = optax.global_norm(old_params)
+        nnx.update(model, _select(finite, new_params, old_params))
+        nnx.update(optimizer, _select(finite, nnx.state(optimizer), old_opt))
+
+        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "learning_rate": lr,
+                   "update_ratio": update_norm / jnp.maximum(param_norm, 1e-12),
+                   "skipped": (~finite).astype(jnp.int32)}
+        return nnx.state(ts), metrics
+
+    return step
+
+
+def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_steps: int | None = None,
+                   batch_example: Mapping[str, Any] | None = None) -> Trainer:
+    """Initialise the sharded train state and jit the step with explicit in/out shardings and the
+    state donated. `batch_example` (host arrays or ShapeDtypeStructs) fixes the batch shardings."""
+    seed = cfg.training.seed if seed is None else seed
+    graphdef, abstract_state, shardings, schedule, init = abstract_train_state(cfg, mesh, total_steps=total_steps,
+                                                                               seed=seed)
+    with jax.set_mesh(mesh):
+        if _state_bytes(abstract_state) <= EAGER_INIT_MAX_BYTES:
+            state = jax.device_put(nnx.state(init()), shardings)
+        else:
+            state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
+    trainable = check_stage(nnx.merge(graphdef, state).model, cfg.training.stage)
+    step = make_step_function(graphdef, cfg, schedule)
+    in_batch = None
+    if batch_example is not None:
+        in_batch = {k: batch_sharding(mesh, np.ndim(v) if not hasattr(v, "ndim") else v.ndim)
+                    for k, v in batch_example.items()}
+    step_fn = jax.jit(step, in_shardings=(shardings, in_batch), out_shardings=(shardings, None),
+                      donate_argnums=(0,))
+    return Trainer(graphdef=graphdef, state=state, state_sharding=shardings, mesh=mesh, step_fn=step_fn,
+                   schedule=schedule, trainable=trainable)
