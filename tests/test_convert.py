@@ -498,3 +498,28 @@ def test_peft_adapter_on_modules_the_model_does_not_adapt(official, peft_case):
     model = build_model(cfg)
     with pytest.raises(MISMATCH, match=r"layers\.0\.self_attn\.v_proj\.lora\.lora_a"):
         load_peft_lora(model, cfg, peft_case["adapter_dir"], layout="hf-llama")
+
+
+def test_model_exports_give_back_the_checkpoints(official, loaded_models, golden_dir):
+    """import(official) then export: same keys (incl. the rotary buffers), shapes and bit-identical values,
+    from both layer layouts; the LLM and vision exports equal the corresponding official parts; the
+    golden PEFT adapter survives import -> export unchanged."""
+    from owl_jax.convert.mplug_owl import (export_hf_clip_vision, export_hf_llama, export_official,
+                                           export_peft_lora, load_peft_lora)
+    cfg, directory, tensors = official
+    for model in loaded_models.values():
+        assert_same_tensors(export_official(model, cfg), tensors)
+    model = loaded_models[False]
+    llm = {k[len("language_model."):]: v for k, v in tensors.items()
+           if k.startswith("language_model.") and "inv_freq" not in k}
+    assert_same_tensors(export_hf_llama(model, cfg), llm)
+    vision = {k[len("vision_model."):]: v for k, v in tensors.items() if k.startswith("vision_model.")}
+    assert_same_tensors(export_hf_clip_vision(model, cfg), clip.official_to_hf_clip(vision, cfg.vision))
+    with pytest.raises(CheckpointMismatchError, match="no LoRA adapters"):
+        export_peft_lora(model, cfg)
+
+    lora_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=4, alpha=32.0))
+    adapted = build_model(lora_cfg)
+    load_official(adapted, lora_cfg, directory)
+    load_peft_lora(adapted, lora_cfg, golden_dir / "lora_adapter")
+    assert_same_tensors(export_peft_lora(adapted, lora_cfg), load_tensors(golden_dir / "lora_adapter"))

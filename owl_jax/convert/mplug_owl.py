@@ -16,10 +16,10 @@ from flax import nnx
 from owl_jax.config import (AbstractorConfig, ModelConfig, RopeScalingConfig, TextConfig, VisionConfig)
 from owl_jax.convert import clip, io
 from owl_jax.convert.abstractor import abstractor_rules
-from owl_jax.convert.keymap import (CheckpointMismatchError, TensorRule, prefixed, tensors_to_params,
-                                    transpose)
+from owl_jax.convert.keymap import (CheckpointMismatchError, TensorRule, params_to_tensors, prefixed,
+                                    tensors_to_params, transpose)
 from owl_jax.convert.llama import IGNORED_BUFFERS, llama_rules
-from owl_jax.convert.state import assign_canonical_params
+from owl_jax.convert.state import assign_canonical_params, canonical_params
 
 
 def official_rules(cfg: ModelConfig) -> list[TensorRule]:
@@ -61,6 +61,63 @@ def load_hf_clip_vision(model: nnx.Module, cfg: ModelConfig, path: str | os.Path
     official = clip.hf_clip_to_official(tensors, cfg.vision, source=str(path))
     params = tensors_to_params(official, clip.official_vision_rules(cfg.vision), source=str(path))
     assign_canonical_params(model, params, include=lambda p: p.startswith("vision_model.") and not _is_lora(p))
+
+
+# ------------------------------------------------------------------------------------------------
+# Export (tensor dicts in PyTorch layouts; the export CLI writes them with configs and tokenizers)
+# ------------------------------------------------------------------------------------------------
+
+
+def _base_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in canonical_params(model).items() if not _is_lora(k)}
+
+
+def _rotary_buffers(cfg: ModelConfig, prefix: str) -> dict[str, np.ndarray]:
+    """`rotary_emb.inv_freq` buffers as transformers < 4.31 (and so the official release) stores them."""
+    from owl_jax.models.llama import rope_inv_freq
+    inv_freq = rope_inv_freq(cfg.text)
+    return {f"{prefix}model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.copy()
+            for i in range(cfg.text.num_layers)}
+
+
+def export_official(model: nnx.Module, cfg: ModelConfig, *, rotary_buffers: bool = True) -> dict[str, np.ndarray]:
+    """Base weights (LoRA unmerged adapters excluded; merge first to fold them in) in the official layout."""
+    tensors = params_to_tensors(_base_params(model), official_rules(cfg))
+    if rotary_buffers:
+        tensors.update(_rotary_buffers(cfg, "language_model."))
+    return tensors
+
+
+def export_hf_llama(model: nnx.Module, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The language model as `LlamaForCausalLM` tensors."""
+    return params_to_tensors(_base_params(model), llama_rules(cfg.text))
+
+
+def export_hf_clip_vision(model: nnx.Module, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The vision tower as `CLIPVisionModel` tensors (keys as transformers 5 writes them, no prefix)."""
+    official = params_to_tensors(_base_params(model), clip.official_vision_rules(cfg.vision))
+    return clip.official_to_hf_clip(official, cfg.vision)
+
+
+def export_peft_lora(model: nnx.Module, cfg: ModelConfig, *, layout: str = "mplug-owl") -> dict[str, np.ndarray]:
+    """Unmerged LoRA adapters as PEFT `adapter_model` tensors for the official layout or a bare LLaMA."""
+    base = official_rules(cfg) if layout == "mplug-owl" else llama_rules(cfg.text)
+    params = {k: np.asarray(v) for k, v in canonical_params(model).items() if _is_lora(k)}
+    if not params:
+        raise CheckpointMismatchError("the model has no LoRA adapters to export")
+    out = {}
+    for rule in base:
+        if not rule.path.endswith(".kernel"):
+            continue
+        dense = rule.path[: -len(".kernel")]
+        module = rule.key[: -len(".weight")]
+        for leaf, which in (("lora_a", "A"), ("lora_b", "B")):
+            name = f"{dense}.lora.{leaf}"
+            if name in params:
+                out[f"base_model.model.{module}.lora_{which}.weight"] = np.ascontiguousarray(params.pop(name).T)
+    if params:
+        raise CheckpointMismatchError(f"adapters with no {layout} key: {sorted(params)[:10]}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
