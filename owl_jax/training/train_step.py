@@ -140,23 +140,26 @@ def make_step_function(graphdef, cfg: Config, schedule: optax.Schedule) -> Calla
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, total + t, count + c, rngs), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), rngs)
-        (grads, total, count, rngs), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, k))
+        if k == 1:
+            (total, (count, rngs)), grads = grad_fn(params, rngs, batch)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), rngs)
+            (grads, total, count, rngs), _ = jax.lax.scan(accumulate, init, _split_micro_batches(batch, k))
         denom = jnp.maximum(count, 1.0)
         loss = total / denom
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+        grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
         nnx.update(model, rngs)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Snapshots (tree.map makes new Variable objects; nnx.state alone would alias the live ones).
         old_params, old_opt = jax.tree.map(lambda x: x, (nnx.state(model, keep), nnx.state(optimizer)))
         lr = schedule(optimizer.step[...])
         optimizer.update(model, grads)
         new_params = nnx.state(model, keep)
-        update_norm = optax.global_norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, old_params))
-        param_norm = optax.global_norm(old_params)
+        update_norm = optax.tree.norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, old_params))
+        param_norm = optax.tree.norm(old_params)
         nnx.update(model, _select(finite, new_params, old_params))
         nnx.update(optimizer, _select(finite, nnx.state(optimizer), old_opt))
 
@@ -175,10 +178,11 @@ def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_st
     seed = cfg.training.seed if seed is None else seed
     graphdef, abstract_state, shardings, schedule, init = abstract_train_state(cfg, mesh, total_steps=total_steps,
                                                                                seed=seed)
-    with jax.set_mesh(mesh):
-        if _state_bytes(abstract_state) <= EAGER_INIT_MAX_BYTES:
-            state = jax.device_put(nnx.state(init()), shardings)
-        else:
+    if _state_bytes(abstract_state) <= EAGER_INIT_MAX_BYTES:
+        # Eager ops are cached per shape across builds; placing afterwards keeps that cache warm.
+        state = jax.device_put(nnx.state(init()), shardings)
+    else:
+        with jax.set_mesh(mesh):
             state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
     trainable = check_stage(nnx.merge(graphdef, state).model, cfg.training.stage)
     step = make_step_function(graphdef, cfg, schedule)
