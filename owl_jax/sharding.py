@@ -129,12 +129,18 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[Sequence[Any]]
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension over `data` and `fsdp`; the rest replicated."""
+def batch_sharding(mesh: Mesh, shape: Sequence[int], name: str = "batch") -> NamedSharding:
+    """Leading (batch) dimension over `data` and `fsdp`; the rest replicated. The leading dimension must
+    divide evenly (static shapes: a ragged global batch is a configuration error, not a padding job)."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if shape and shape[0] % ways:
+        raise MeshError(f"{name}: leading dimension {shape[0]} is not divisible by the {ways} data-parallel "
+                        f"shards (data×fsdp); adjust data.global_batch_size / data.images_per_batch or the mesh")
     lead = None if not axes else axes[0] if len(axes) == 1 else axes
-    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(lead, *([None] * (len(shape) - 1))))
 
 
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-    return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+    """Shardings for a batch dict of arrays or ShapeDtypeStructs."""
+    return {k: batch_sharding(mesh, tuple(np.shape(v)), k) for k, v in batch.items()}

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from owl_jax.config import Config
 from owl_jax.models.layers import dtype_of
 from owl_jax.models.owl import MplugOwl, build_model
-from owl_jax.sharding import batch_sharding, state_shardings
+from owl_jax.sharding import batch_shardings, state_shardings
 from owl_jax.training.optimizer import make_optimizer
 from owl_jax.training.stages import check_stage, trainable_filter
 
@@ -52,13 +52,10 @@ class Trainer:
     schedule: optax.Schedule
     trainable: list[str]
 
-    def batch_sharding(self, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
-        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
-
     def put_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Host arrays (the full global batch, single-process) -> globally sharded arrays."""
-        return {k: jax.device_put(np.asarray(v), s) for (k, v), s in zip(batch.items(),
-                                                                            self.batch_sharding(batch).values())}
+        shardings = batch_shardings(batch, self.mesh)
+        return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
 
     def step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         self.state, metrics = self.step_fn(self.state, dict(batch))
@@ -171,6 +168,29 @@ def make_step_function(graphdef, cfg: Config, schedule: optax.Schedule) -> Calla
     return step
 
 
+def jit_step(graphdef, cfg: Config, schedule: optax.Schedule, state_sharding, batch_shardings=None) -> Callable:
+    """The train step as pjit: explicit in/out shardings, the state donated (updated in place)."""
+    step = make_step_function(graphdef, cfg, schedule)
+    return jax.jit(step, in_shardings=(state_sharding, batch_shardings), out_shardings=(state_sharding, None),
+                   donate_argnums=(0,))
+
+
+def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one global batch as the data config describes it (images unless the stage is
+    text-only)."""
+    from owl_jax.training.stages import uses_images
+    b, t = cfg.data.global_batch_size, cfg.data.seq_len
+    batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32), "targets": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_),
+             "positions": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "segment_ids": jax.ShapeDtypeStruct((b, t), jnp.int32)}
+    if uses_images(cfg.training.stage):
+        size = cfg.model.vision.image_size
+        batch["pixel_values"] = jax.ShapeDtypeStruct((cfg.data.images_per_batch, size, size, 3), jnp.float32)
+        batch["image_index"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    return batch
+
+
 def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_steps: int | None = None,
                    batch_example: Mapping[str, Any] | None = None) -> Trainer:
     """Initialise the sharded train state and jit the step with explicit in/out shardings and the
@@ -185,12 +205,7 @@ def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_st
         with jax.set_mesh(mesh):
             state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
     trainable = check_stage(nnx.merge(graphdef, state).model, cfg.training.stage)
-    step = make_step_function(graphdef, cfg, schedule)
-    in_batch = None
-    if batch_example is not None:
-        in_batch = {k: batch_sharding(mesh, np.ndim(v) if not hasattr(v, "ndim") else v.ndim)
-                    for k, v in batch_example.items()}
-    step_fn = jax.jit(step, in_shardings=(shardings, in_batch), out_shardings=(shardings, None),
-                      donate_argnums=(0,))
+    in_batch = batch_shardings(batch_example, mesh) if batch_example is not None else None
+    step_fn = jit_step(graphdef, cfg, schedule, shardings, in_batch)
     return Trainer(graphdef=graphdef, state=state, state_sharding=shardings, mesh=mesh, step_fn=step_fn,
                    schedule=schedule, trainable=trainable)
