@@ -26,7 +26,9 @@ setup(
     extras_require={
         # The PyTorch side of parity and export tests. torch is pinned to the CPU build used for the
         # golden references; safetensors/peft/transformers load what owl-jax exports.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17", "safetensors>=0.4"],
+        # libtpu (via jax[tpu]) lets the AOT tests compile for TPU topologies on a CPU machine.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17", "safetensors>=0.4",
+                 "jax[tpu]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     },
