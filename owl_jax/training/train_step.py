@@ -70,7 +70,7 @@ def _cast_frozen(model: MplugOwl, keep: Callable, dtype) -> None:
     """Store frozen parameters in `dtype` (e.g. bfloat16 halves the frozen LLM's memory)."""
     frozen = nnx.All(nnx.Param, nnx.Not(keep))
     for _, var in nnx.to_flat_state(nnx.state(model, frozen)):
-        var[...] = var[...].astype(dtype)
+        var.set_value(var[...].astype(dtype))  # (`var[...] =` would cast back to the old dtype)
 
 
 def _init_fn(cfg: Config, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
