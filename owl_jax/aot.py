@@ -83,14 +83,15 @@ def parse_topology(name: str) -> tuple[TpuChip, int, str]:
     return chip, chips, f"{_LIBTPU_NAMES[generation]}:{'x'.join(map(str, shape))}"
 
 
-def topology_devices(name: str):
+def topology_devices(name: str, num_slices: int = 1):
+    """(chip, devices) of `num_slices` slices of topology `name` (multi-slice devices carry slice_index)."""
     from jax.experimental import topologies
     chip, chips, libtpu_name = parse_topology(name)
     try:
         topology = topologies.get_topology_desc(
             platform="tpu", topology_name=libtpu_name,
             chip_config_name="megacore" if chip.cores_per_chip_in_name == 2 else "default",
-            chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3)
+            chips_per_host_bounds=(2, 2, 1), num_slices=num_slices, wrap=(False,) * 3)
     except Exception as e:  # libtpu missing or the topology unsupported
         raise TopologyError(f"cannot describe {name} ({libtpu_name}): {e}. Is the `tpu` extra (libtpu) "
                             f"installed?") from e
@@ -117,7 +118,7 @@ class AotReport:
 
     def lines(self) -> list[str]:
         gib = 2**30
-        out = [f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}, compiled in "
+        out = [f"topology {self.topology}: {self.chips} chips in all, mesh {self.mesh}, compiled in "
                f"{self.compile_seconds:.1f}s",
                f"per-chip memory: arguments {self.argument_bytes / gib:.2f} GiB, outputs "
                f"{self.output_bytes / gib:.2f} GiB (aliased {self.alias_bytes / gib:.2f} GiB), temporaries "
@@ -141,10 +142,13 @@ def _compile(cfg: Config, devices):
     return mesh, compiled, time.time() - start
 
 
-def compile_for_topology(cfg: Config, topology: str, *, flops: bool = True) -> AotReport:
-    """Compile the train step for `topology`; raises the XLA error (e.g. out of HBM) if it does not fit."""
+def compile_for_topology(cfg: Config, topology: str, *, flops: bool = True, num_slices: int = 1) -> AotReport:
+    """Compile the train step for `num_slices` x `topology`; raises the XLA error (e.g. out of HBM) if it
+    does not fit. Multi-slice runs put `mesh.dcn_data` on the data axis across slices."""
     from owl_jax.flops import compiled_flops, step_flops
-    chip, devices = topology_devices(topology)
+    if num_slices != cfg.mesh.dcn_data:
+        raise TopologyError(f"--slices {num_slices} but mesh.dcn_data={cfg.mesh.dcn_data}; they must agree")
+    chip, devices = topology_devices(topology, num_slices)
     mesh, compiled, seconds = _compile(cfg, devices)
     mem = compiled.memory_analysis()
     report = AotReport(topology=topology, chips=len(devices), mesh=dict(mesh.shape),
@@ -169,12 +173,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m owl_jax.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--topology", required=True, help="e.g. v4-32, v5e-64, v5p-32, v6e-8")
+    parser.add_argument("--slices", type=int, default=1, help="multi-slice: number of slices (= mesh.dcn_data)")
     parser.add_argument("--no-flops", action="store_true", help="skip the unrolled compile for FLOP counting")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        report = compile_for_topology(cfg, args.topology, flops=not args.no_flops)
+        report = compile_for_topology(cfg, args.topology, flops=not args.no_flops, num_slices=args.slices)
     except (ConfigError, TopologyError, MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ def test_tiny_recipe_compiles_for_v5e_8(capsys):
     assert aot.main(["--config", "configs/tiny_test.yaml", "--topology", "v5e-8", "data.global_batch_size=8",
                      "data.images_per_batch=8"]) == 0
     out = capsys.readouterr().out
-    assert "topology v5e-8: 8 chips, mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    assert "topology v5e-8: 8 chips in all, mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
     assert "per-chip memory" in out and "of 14.90 GiB HBM" in out
     ratio = float(out.split("ratio ")[1].split()[0])
     assert 0.95 < ratio < 1.15  # tiny widths: elementwise work is a few percent on top of the matmuls
@@ -55,3 +55,18 @@ def test_out_of_memory_is_reported_with_xla_message(capsys):
 def test_unknown_topology_exits_2(capsys):
     assert aot.main(["--config", "configs/tiny_test.yaml", "--topology", "v9-8"]) == 2
     assert "unknown TPU topology" in capsys.readouterr().err
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+    from owl_jax.config import MeshConfig
+    from owl_jax.sharding import make_mesh
+    _, devices = aot.topology_devices("v5e-4", num_slices=2)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1, dcn_data=2), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    slices = [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)]
+    assert slices == [{0}, {1}]  # only the data axis crosses the slow inter-slice network
+
+
+def test_slices_must_match_dcn_data(capsys):
+    assert aot.main(["--config", "configs/tiny_test.yaml", "--topology", "v5e-4", "--slices", "2"]) == 2
+    assert "mesh.dcn_data" in capsys.readouterr().err
