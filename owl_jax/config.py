@@ -213,8 +213,16 @@ class DataConfig:
     # Fixed number of image slots per global batch (static shapes).
     images_per_batch: int = 256
     packing: bool = False
-    shuffle_buffer: int = 1000
+    shuffle: bool = True
+    # Shards whose samples are shuffled together (random access by tar index: no streaming buffer).
+    shuffle_shards: int = 8
+    # Caption prompt: text around the caption; `<image>` marks the image slot; loss on the caption only.
+    caption_template: str = "<image>{caption}"
+    # Stop with an error when more than this fraction of samples had to be skipped (after 200 samples).
+    max_skip_fraction: float = 0.1
     num_workers: int = 4
+    prefetch: int = 64  # samples decoded ahead per process
+    cache_dir: str = ""  # where remote / pipe: shards are fetched to (default: the system temp dir)
     seed: int = 0
 
 

@@ -1,0 +1,270 @@
+"""Stage-1 input pipeline: image-caption webdataset shards -> static-shape training batches.
+
+Per process: take this process's positions of the deterministic order (`order.py`), decode images in
+worker processes (`multiprocessing` spawn pool, ordered results, `prefetch` samples ahead), tokenise
+captions with the caption template, skip and count bad samples, and emit batches of `rows` rows ×
+`seq_len` tokens with a fixed image budget. The iterator state (`state()`) covers exactly the samples
+returned so far, so restoring it replays the same batches even though workers decode ahead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from data_pipelines import images as image_ops
+from data_pipelines.order import StreamState, epoch_shard_order, positions, remap_states, window_sample_order
+from data_pipelines.shards import SampleRef, ShardError, expand_sources, open_shard, read_member
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (too many bad samples, nothing usable)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTask:
+    position: tuple[int, int, int]
+    ref: SampleRef
+    image_size: int
+    train: bool
+    seed: int
+    max_pixels: int
+
+
+def decode_sample(task: DecodeTask):
+    """Worker function: (position, key, pixels or None, caption or None, bad reason or None, detail)."""
+    ref, members = task.ref, task.ref.members()
+    try:
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        if image_ext is None:
+            raise image_ops.BadSample("missing_image")
+        if "txt" not in members:
+            raise image_ops.BadSample("missing_caption")
+        try:
+            caption = read_member(ref.path, *members["txt"]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise image_ops.BadSample("non_utf8_caption") from None
+        caption = caption.strip()
+        if not caption:
+            raise image_ops.BadSample("empty_caption")
+        image = image_ops.decode_image(read_member(ref.path, *members[image_ext]), max_pixels=task.max_pixels)
+        rng = np.random.default_rng([task.seed, *task.position]) if task.train else None
+        pixels = image_ops.preprocess(image, task.image_size, train=task.train, rng=rng)
+        return task.position, ref.key, pixels, caption, None, ""
+    except image_ops.BadSample as e:
+        return task.position, ref.key, None, None, e.reason, str(e)
+    except (OSError, ShardError) as e:
+        return task.position, ref.key, None, None, "read_error", str(e)
+
+
+class CaptionTokenizer:
+    """Caption -> (tokens with image slots, loss mask) with the template's text before/after the caption
+    unweighted and the caption plus EOS weighted."""
+
+    def __init__(self, tokenizer, template: str, tokens_per_image: int):
+        if "{caption}" not in template or template.count("<image>") != 1:
+            raise ValueError(f"caption_template {template!r} needs one <image> and one {{caption}}")
+        self.tokenizer, self.tokens_per_image = tokenizer, tokens_per_image
+        before, after = template.split("{caption}")
+        pre_image, post_image = before.split("<image>") if "<image>" in before else (before, "")
+        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+        self.prefix = (bos + self._encode(pre_image) + [-1] * tokens_per_image
+                       + self._encode(post_image))
+        self.suffix = self._encode(after)
+        if "<image>" in after:
+            raise ValueError("put <image> before {caption} in caption_template")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text)) if text else []
+
+    def __call__(self, caption: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        body = self._encode(caption)
+        room = seq_len - len(self.prefix) - len(self.suffix) - 1
+        if room < 1:
+            raise DataError(f"seq_len {seq_len} leaves no room for a caption after the template")
+        body = body[:room]  # a cut caption keeps its EOS (below)
+        tokens = self.prefix + body + self.suffix + [self.tokenizer.eos_id]
+        weighted = [False] * len(self.prefix) + [True] * len(body) + [False] * len(self.suffix) + [True]
+        return np.asarray(tokens, np.int64), np.asarray(weighted, bool)
+
+
+class CaptionPipeline:
+    """Iterator of per-process batches (numpy dicts) for stage-1 training. See module docstring."""
+
+    def __init__(self, sources: Sequence[str] | str, *, tokenizer, seq_len: int, rows: int, image_budget: int,
+                 image_size: int, tokens_per_image: int, template: str = "<image>{caption}", seed: int = 0,
+                 shuffle: bool = True, shuffle_shards: int = 8, train: bool = True, num_workers: int = 0,
+                 prefetch: int = 64, process_index: int = 0, num_processes: int = 1,
+                 micro_batches: int = 1, max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
+                 cache_dir: str | None = None, epochs: Optional[int] = None, state: dict | None = None):
+        self.sources = expand_sources(sources)
+        if not self.sources:
+            raise DataError(f"no shards match {sources!r}")
+        if image_budget < rows or image_budget % micro_batches or rows % micro_batches:
+            raise DataError(f"{rows} rows and {image_budget} image slots per process must split into "
+                            f"{micro_batches} micro-batches, with at least one slot per row")
+        self.seq_len, self.rows, self.image_budget = seq_len, rows, image_budget
+        self.image_size, self.tokens_per_image, self.micro_batches = image_size, tokens_per_image, micro_batches
+        self.seed, self.shuffle, self.shuffle_shards, self.train = seed, shuffle, shuffle_shards, train
+        self.num_workers, self.prefetch, self.max_pixels = num_workers, prefetch, max_pixels
+        self.max_skip_fraction, self.cache_dir, self.epochs = max_skip_fraction, cache_dir, epochs
+        self.captions = CaptionTokenizer(tokenizer, template, tokens_per_image)
+        self.pad_id = tokenizer.pad_id
+        self._state = (StreamState.from_json(state) if state is not None
+                       else StreamState(process_index=process_index, num_processes=num_processes))
+        if (self._state.process_index, self._state.num_processes) != (process_index, num_processes):
+            raise DataError(f"iterator state is for process {self._state.process_index} of "
+                            f"{self._state.num_processes}, not {process_index} of {num_processes}; "
+                            f"remap saved states with CaptionPipeline.remap_states")
+        self._windows: dict[tuple[int, int], list[SampleRef]] = {}
+        self._bad_shards: set[str] = set()
+        self._pool = None
+        self._results: Iterator | None = None
+        self._last_good_epoch = self._state.epoch - 1 if self._state.seen == 0 else self._state.epoch
+
+    # ---------------------------------------------------------------- order and shard indexes
+    def _num_windows(self) -> int:
+        return -(-len(self.sources) // self.shuffle_shards)
+
+    def _window(self, epoch: int, window: int) -> list[SampleRef]:
+        key = (epoch, window)
+        if key not in self._windows:
+            order = epoch_shard_order(len(self.sources), epoch, self.seed, self.shuffle)
+            chosen = order[window * self.shuffle_shards:(window + 1) * self.shuffle_shards]
+            refs: list[SampleRef] = []
+            for i in chosen:
+                source = self.sources[i]
+                try:
+                    index = open_shard(source, cache_dir=self.cache_dir)
+                except ShardError as e:
+                    if source not in self._bad_shards:
+                        self._bad_shards.add(source)
+                        self._count("unreadable_shard", source, str(e))
+                    continue
+                if index.truncated and source not in self._bad_shards:
+                    self._bad_shards.add(source)
+                    self._count("truncated_shard", source, f"kept {len(index.samples)} samples")
+                refs.extend(index.samples)
+            sample_order = window_sample_order(len(refs), epoch, window, self.seed, self.shuffle)
+            self._windows = {k: v for k, v in self._windows.items() if k[0] >= epoch}  # bounded cache
+            self._windows[key] = [refs[i] for i in sample_order]
+        return self._windows[key]
+
+    def window_size(self, epoch: int, window: int) -> int | None:
+        return len(self._window(epoch, window)) if window < self._num_windows() else None
+
+    def _tasks(self) -> Iterator[DecodeTask]:
+        st = dataclasses.replace(self._state, exclude=list(self._state.exclude))
+        while self.epochs is None or st.epoch < self.epochs:
+            sizes = (len(self._window(st.epoch, w)) for w in range(self._num_windows()))
+            for pos in positions(st, sizes):
+                yield DecodeTask(pos, self._window(pos[0], pos[1])[pos[2]], self.image_size, self.train,
+                                 self.seed, self.max_pixels)
+            if not self._any_samples(st.epoch):
+                raise DataError(f"no samples at all in {len(self.sources)} shards ({dict(self._state.skipped)})")
+            st = StreamState(process_index=st.process_index, num_processes=st.num_processes, epoch=st.epoch + 1,
+                             exclude=[p for p in st.exclude if p[0] > st.epoch])
+
+    def _any_samples(self, epoch: int) -> bool:
+        return any(self._window(epoch, w) for w in range(self._num_windows()))
+
+    # ---------------------------------------------------------------- decoding
+    def _decoded(self) -> Iterator:
+        if self.num_workers <= 0:
+            return map(decode_sample, self._tasks())
+        ctx = multiprocessing.get_context("spawn")
+        self._pool = ctx.Pool(self.num_workers)
+        return self._pool.imap(decode_sample, self._tasks(), chunksize=max(1, min(8, self.prefetch // 8)))
+
+    def _count(self, reason: str, key: str, detail: str) -> None:
+        self._state.skipped[reason] = self._state.skipped.get(reason, 0) + 1
+        log.warning("skipping %s (%s): %s", key, reason, detail)
+
+    def _advance(self, position) -> None:
+        epoch, window, index = position
+        self._state.epoch, self._state.window, self._state.index = epoch, window, index + self._state.num_processes
+        self._state.exclude = [p for p in self._state.exclude if p > position]
+
+    def _check_skips(self) -> None:
+        bad = sum(v for k, v in self._state.skipped.items() if not k.endswith("_shard"))
+        total = bad + self._state.seen
+        if total >= 200 and bad > self.max_skip_fraction * total:
+            raise DataError(f"{bad} of {total} samples were unusable ({dict(self._state.skipped)}), more than "
+                            f"data.max_skip_fraction={self.max_skip_fraction}; fix the data or raise the limit")
+
+    def next_sample(self):
+        if self._results is None:
+            self._results = self._decoded()
+        while True:
+            try:
+                position, key, pixels, caption, reason, detail = next(self._results)
+            except StopIteration:
+                raise StopIteration from None
+            self._advance(position)
+            if position[0] > self._last_good_epoch + 1:
+                raise DataError(f"a whole epoch without one usable sample ({dict(self._state.skipped)})")
+            if reason is not None:
+                self._count(reason, key, detail)
+                self._check_skips()
+                continue
+            tokens, weighted = self.captions(caption, self.seq_len)
+            self._state.seen += 1
+            self._last_good_epoch = position[0]
+            return pixels, tokens, weighted
+
+    # ---------------------------------------------------------------- batches
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        from owl_jax.models.splice import plan_micro_batched_slots
+        rows, t = self.rows, self.seq_len
+        tokens = np.full((rows, t), self.pad_id, np.int64)
+        weighted = np.zeros((rows, t), bool)
+        segment_ids = np.zeros((rows, t), np.int32)
+        pixels = np.zeros((self.image_budget, self.image_size, self.image_size, 3), np.float32)
+        images = []
+        for r in range(rows):
+            px, tok, w = self.next_sample()
+            tokens[r, :len(tok)], weighted[r, :len(tok)], segment_ids[r, :len(tok)] = tok, w, 1
+            images.append(px)
+        index, pixel_row = plan_micro_batched_slots(tokens, np.ones(rows, np.int64),
+                                                    tokens_per_image=self.tokens_per_image,
+                                                    image_budget=self.image_budget,
+                                                    num_micro_batches=self.micro_batches)
+        pixels[pixel_row] = np.stack(images)
+        # Visual tokens are numbered over the global micro-batch: this process's images follow those of
+        # the processes before it (see plan_micro_batched_slots and the train step).
+        offset = self._state.process_index * (self.image_budget // self.micro_batches) * self.tokens_per_image
+        index = np.where(index >= 0, index + offset, -1).astype(np.int32)
+        targets = np.concatenate([tokens[:, 1:], np.full((rows, 1), self.pad_id)], axis=1)
+        # Loss at position i predicts token i+1: weighted where the *next* token is a caption/EOS token.
+        loss_mask = np.concatenate([weighted[:, 1:], np.zeros((rows, 1), bool)], axis=1)
+        positions_ = np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy()
+        return {"tokens": tokens.astype(np.int32),  # image slots stay negative (the model embeds them as 0)
+                "targets": np.maximum(targets, 0).astype(np.int32), "loss_mask": loss_mask,
+                "positions": positions_, "segment_ids": segment_ids, "pixel_values": pixels,
+                "image_index": index}
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        """JSON-serialisable state covering exactly the samples returned so far."""
+        return self._state.to_json()
+
+    def remap_states(self, states: list[dict]) -> list[dict]:
+        """Saved states of an old process count -> states for this run's process count."""
+        return remap_states(states, self._state.num_processes, self.window_size)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+        self._results = None

@@ -1,0 +1,123 @@
+"""Image decoding and CLIP preprocessing, robust to what web-scale shards contain.
+
+Every failure is a `BadSample` with a short reason (counted and skipped by the pipelines): corrupt or
+truncated files, decompression bombs, unsupported modes. Unusual but valid images are converted:
+CMYK, grayscale, palette, RGBA/LA (composited on white: transparent regions of logos and icons are
+white in the pages they come from), and 16/32-bit images (scaled to 8 bits, not clipped).
+
+Preprocessing follows CLIP / mPLUG-Owl (DESIGN.md §4): evaluation resizes to size×size bicubic without
+keeping the aspect ratio (as the official inference does); training takes a random resized crop
+(scale 0.5–1, aspect 3/4–4/3) and a random horizontal flip.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+# Images above this many pixels are refused before decoding (PIL's bomb check reads only the header).
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default warning threshold (~ 9459 x 9459)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        hi = arr.max() if arr.size else 0
+        scale = 255.0 / (65535.0 if mode.startswith("I;16") or hi > 255 else max(hi, 1.0))
+        if mode == "F":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr, scale = arr - lo, 255.0 / max(hi - lo, 1e-12)
+        gray = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB PIL image, or BadSample."""
+    if not data:
+        raise BadSample("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            w, h = image.size
+            if w * h > max_pixels:
+                raise BadSample("decompression_bomb", f"{w}x{h} pixels")
+            image.load()
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSample("decompression_bomb", str(e)) from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt data
+        raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+    if image.size[0] < 1 or image.size[1] < 1:
+        raise BadSample("corrupt_image", "zero-sized image")
+    try:
+        return _to_rgb(image)
+    except Exception as e:
+        raise BadSample("unsupported_image_mode", f"{image.mode}: {e}") from None
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *, scale=(0.5, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) as torchvision's RandomResizedCrop draws it (10 tries, then center)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def preprocess(image: Image.Image, size: int, *, train: bool, rng: np.random.Generator | None = None,
+               normalize: bool = True) -> np.ndarray:
+    """RGB image -> [size, size, 3] float32 (CLIP-normalised) or uint8 (normalize=False)."""
+    if train:
+        if rng is None:
+            raise ValueError("training augmentation needs an rng")
+        box = random_resized_crop_box(*image.size, rng)
+        image = image.resize((size, size), Image.BICUBIC, box=box)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+        image = image.resize((size, size), Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if not normalize:
+        return pixels
+    return (pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
