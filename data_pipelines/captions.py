@@ -200,7 +200,8 @@ class CaptionPipeline:
             raise DataError(f"{bad} of {total} samples were unusable ({dict(self._state.skipped)}), more than "
                             f"data.max_skip_fraction={self.max_skip_fraction}; fix the data or raise the limit")
 
-    def next_sample(self):
+    def next_sample(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """(sample key, pixels, tokens with image slots, weighted positions) of the next usable sample."""
         if self._results is None:
             self._results = self._decoded()
         while True:
@@ -218,7 +219,7 @@ class CaptionPipeline:
             tokens, weighted = self.captions(caption, self.seq_len)
             self._state.seen += 1
             self._last_good_epoch = position[0]
-            return pixels, tokens, weighted
+            return key, pixels, tokens, weighted
 
     # ---------------------------------------------------------------- batches
     def __iter__(self):
@@ -233,7 +234,7 @@ class CaptionPipeline:
         pixels = np.zeros((self.image_budget, self.image_size, self.image_size, 3), np.float32)
         images = []
         for r in range(rows):
-            px, tok, w = self.next_sample()
+            _, px, tok, w = self.next_sample()
             tokens[r, :len(tok)], weighted[r, :len(tok)], segment_ids[r, :len(tok)] = tok, w, 1
             images.append(px)
         index, pixel_row = plan_micro_batched_slots(tokens, np.ones(rows, np.int64),
@@ -259,9 +260,9 @@ class CaptionPipeline:
         """JSON-serialisable state covering exactly the samples returned so far."""
         return self._state.to_json()
 
-    def remap_states(self, states: list[dict]) -> list[dict]:
-        """Saved states of an old process count -> states for this run's process count."""
-        return remap_states(states, self._state.num_processes, self.window_size)
+    def remap_states(self, states: list[dict], num_processes: int | None = None) -> list[dict]:
+        """Saved states of an old process count -> states for `num_processes` (default: this pipeline's)."""
+        return remap_states(states, num_processes or self._state.num_processes, self.window_size)
 
     def close(self) -> None:
         if self._pool is not None:

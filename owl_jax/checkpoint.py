@@ -35,7 +35,6 @@ import logging
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -54,7 +53,6 @@ FORMAT_VERSION = 1
 CHECKPOINT_SUBDIR = "checkpoints"
 _STATE, _DATA, _META, _TOKENIZER = "state", "data_state", "metadata", "tokenizer"
 _META_FILE = "metadata"  # JsonCheckpointHandler's default file name inside metadata/
-_TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -137,11 +135,11 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 def _state_type_handlers():
     """The type handlers of the `state` item (a local registry: Orbax's global one is left untouched)."""
-    scalar = ocp.type_handlers.ScalarHandler()
-    return ocp.type_handlers.create_type_handler_registry(
-        (int, scalar), (float, scalar), (np.number, scalar), (np.ndarray, ocp.type_handlers.NumpyHandler()),
-        (jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)),
-    )
+    th = ocp.type_handlers
+    scalar = th.ScalarHandler()
+    arrays = th.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
+    return th.create_type_handler_registry((int, scalar), (float, scalar), (np.number, scalar),
+                                           (np.ndarray, th.NumpyHandler()), (jax.Array, arrays))
 
 
 # ---- files item (the tokenizer) -----------------------------------------------------------------------------
@@ -153,22 +151,18 @@ class _FilesHandler(ocp.AsyncCheckpointHandler):
     def __init__(self, *, primary_host: int | None = 0):
         self._primary_host = primary_host
 
-    async def _write(self, files: Mapping[str, bytes], directory: epath.Path) -> None:
-        if self._primary_host is None or jax.process_index() == self._primary_host:
-            for name, data in files.items():
-                (directory / name).write_bytes(data)
-
-    async def async_save(self, directory: epath.Path, args: "_FilesSave"):
-        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write(dict(args.files), directory),
-                                                                 name="owl_files_save")]
-
     def save(self, directory: epath.Path, args: "_FilesSave"):
         if self._primary_host is None or jax.process_index() == self._primary_host:
             for name, data in args.files.items():
                 (directory / name).write_bytes(data)
 
+    async def async_save(self, directory: epath.Path, args: "_FilesSave"):
+        async def write():  # runs in the background commit, after Orbax has created `directory`
+            self.save(directory, args)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="owl_files_save")]
+
     def restore(self, directory: epath.Path, args: "_FilesRestore | None" = None) -> dict[str, str]:
-        return {p.name: str(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
+        return {p.name: str(p) for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 @ocp.args.register_with_handler(_FilesHandler, for_save=True)
@@ -185,7 +179,7 @@ class _FilesRestore(ocp.args.CheckpointArgs):
 
 def _read_tokenizer(path: str | os.PathLike) -> dict[str, bytes]:
     """A tokenizer file, or every regular file at the top of a tokenizer directory (HF tokenizers)."""
-    p = Path(path).expanduser()
+    p = epath.Path(os.path.expanduser(str(path)))
     if p.is_file():
         return {p.name: p.read_bytes()}
     if p.is_dir():
@@ -220,7 +214,7 @@ class CheckpointStore:
     def __init__(self, run_dir: str | os.PathLike, config: Config | None = None, *, keep: int | None = None,
                  tokenizer_path: str | os.PathLike | None = None, async_save: bool = True,
                  read_only: bool | None = None):
-        self.run_dir = Path(run_dir)
+        self.run_dir = epath.Path(run_dir)  # local paths and gs:// alike
         self.directory = self.run_dir / CHECKPOINT_SUBDIR
         self.config = config
         if keep is None and config is not None:
@@ -247,7 +241,8 @@ class CheckpointStore:
             _META: ocp.JsonCheckpointHandler(filename=_META_FILE),
             _TOKENIZER: _FilesHandler(),
         }
-        self._manager = ocp.CheckpointManager(self.directory.absolute(), item_handlers=handlers, options=options)
+        directory = self.directory if "://" in str(self.directory) else self.directory.absolute()
+        self._manager = ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
 
     # -- inspection --
 
@@ -261,10 +256,10 @@ class CheckpointStore:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
-    def tokenizer_dir(self, step: int) -> Path | None:
+    def tokenizer_dir(self, step: int) -> epath.Path | None:
         """The checkpoint's own copy of the tokenizer, or None when it was saved without one."""
         path = self.step_dir(step) / _TOKENIZER
         return path if path.is_dir() else None
@@ -373,10 +368,9 @@ class CheckpointStore:
         abstract = dict(_flat_values(abstract_state))
         target_shardings = dict(_flat_values(shardings))
         target = _nest([(p, _restore_target(a, target_shardings[p])) for p, a in abstract.items()])
+        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                **{_STATE: ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(
-                    target))}))[_STATE]
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
         except Exception as e:  # tensorstore / Orbax errors on missing or truncated files
             detail = str(e) if len(str(e)) <= 800 else str(e)[:800] + " ..."  # tensorstore appends its specs
             raise CheckpointError(f"cannot restore the train state from checkpoint {where} (corrupt or "
@@ -396,15 +390,14 @@ class CheckpointStore:
                 raise CheckpointError(f"no checkpoint to restore in {self.directory} "
                                       f"({'empty' if self.directory.is_dir() else 'the directory does not exist'})")
             return step
-        step = int(step)
-        if step not in self.all_steps():
-            have = self.all_steps()
+        step, have = int(step), self.all_steps()
+        if step not in have:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
                                   f"(available: {', '.join(map(str, have)) or 'none'})")
         return step
 
 
-def _check_layout(saved: Mapping[str, list], abstract_state, where: Path) -> None:
+def _check_layout(saved: Mapping[str, list], abstract_state, where: epath.Path) -> None:
     """Same leaves with the same shapes/dtypes as the run we restore into, else an error listing them."""
     if not saved:
         return

@@ -1,0 +1,252 @@
+"""Stage-1 caption pipeline: exact resume, worker determinism, process split and re-split, CLIP
+preprocessing against the official processor, and a corpus of bad data that is skipped and counted."""
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines import images as image_ops
+from data_pipelines.captions import CaptionPipeline, DataError
+from data_pipelines.tokenizers import ToyWordTokenizer
+from data_pipelines.writer import ShardWriter, encode_image, write_caption_shards
+
+TOK = ToyWordTokenizer(512)
+
+
+def noise_image(rng, w=80, h=64):
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def clean_shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(0)
+    samples = ((f"{i:05d}", noise_image(rng), f"caption number {i}") for i in range(60))
+    write_caption_shards(samples, str(d / "c-%03d.tar"), 10)
+    return str(d / "c-{000..005}.tar")
+
+
+def pipeline(sources, **kw):
+    args = dict(tokenizer=TOK, seq_len=24, rows=4, image_budget=4, image_size=56, tokens_per_image=9,
+                shuffle_shards=2)
+    args.update(kw)
+    return CaptionPipeline(sources, **args)
+
+
+def sample_keys(p, n):
+    """Keys of the next n samples (the pipeline's own sample-level API)."""
+    return [p.next_sample()[0] for _ in range(n)]
+
+
+def test_resume_replays_exactly_the_same_batches(clean_shards):
+    p = pipeline(clean_shards)
+    for _ in range(3):
+        next(p)
+    state = p.state()
+    expected = [next(p) for _ in range(5)]  # crosses windows and the epoch boundary (60 samples)
+    resumed = pipeline(clean_shards, state=state)
+    for a, b in zip(expected, (next(resumed) for _ in range(5))):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert resumed.state() == p.state()
+
+
+def test_workers_give_the_same_batches_as_inline_decoding(clean_shards):
+    inline = [next(pipeline(clean_shards)) for _ in range(1)]
+    p = pipeline(clean_shards, num_workers=2)
+    try:
+        pooled = [next(p)]
+        state = p.state()
+    finally:
+        p.close()
+    for k in inline[0]:
+        np.testing.assert_array_equal(inline[0][k], pooled[0][k])
+    assert state["seen"] == 4  # prefetched samples are not counted as consumed
+
+
+def test_batch_layout(clean_shards):
+    batch = next(pipeline(clean_shards, seq_len=24))
+    assert batch["tokens"].shape == (4, 24) and batch["pixel_values"].shape == (4, 56, 56, 3)
+    row = batch["tokens"][0]
+    assert row[0] == TOK.bos_id and (row[1:10] == -1).all()  # <image> right after BOS (default template)
+    np.testing.assert_array_equal(batch["image_index"][0, 1:10], np.arange(9))
+    eos = int(np.flatnonzero(row == TOK.eos_id)[0])
+    mask = batch["loss_mask"][0]
+    assert not mask[:9].any() and mask[9:eos].all() and not mask[eos:].any()  # caption + EOS only
+    np.testing.assert_array_equal(batch["targets"][0, :eos], np.maximum(row[1:eos + 1], 0))
+    assert (batch["segment_ids"][0, :eos + 1] == 1).all() and (batch["segment_ids"][0, eos + 1:] == 0).all()
+
+
+def test_template_text_is_not_trained(clean_shards):
+    batch = next(pipeline(clean_shards, template="Picture: <image> Caption: {caption}"))
+    row, mask = batch["tokens"][0], batch["loss_mask"][0]
+    first_slot = int(np.flatnonzero(row == -1)[0])
+    caption_start = first_slot + 9 + len(TOK.encode(" Caption: "))
+    assert not mask[:caption_start - 1].any() and mask[caption_start - 1]
+
+
+def test_processes_split_an_epoch_and_resplit_without_loss_or_repeats(clean_shards):
+    two = [pipeline(clean_shards, process_index=i, num_processes=2, rows=2, image_budget=2) for i in range(2)]
+    seen = []
+    for p in two:
+        seen += sample_keys(p, 10)
+    assert len(set(seen)) == 20  # disjoint
+    states = [p.state() for p in two]
+    one = pipeline(clean_shards, rows=2, image_budget=2)
+    one = pipeline(clean_shards, rows=2, image_budget=2, state=one.remap_states(states)[0])
+    seen += sample_keys(one, 40)
+    assert len(seen) == 60 and len(set(seen)) == 60  # the whole epoch, each sample once
+
+    # 1 -> 3 processes mid-window, with uneven progress recorded as exclusions
+    single = pipeline(clean_shards, rows=2, image_budget=2)
+    first = sample_keys(single, 7)
+    three = [pipeline(clean_shards, process_index=i, num_processes=3, rows=2, image_budget=2, epochs=1,
+                      state=single.remap_states([single.state()], 3)[i]) for i in range(3)]
+    rest = [k for p in three for k in drain(p)]
+    assert len(first + rest) == 60 and len(set(first + rest)) == 60
+
+
+def drain(p):
+    keys = []
+    while True:
+        try:
+            keys.append(p.next_sample()[0])
+        except StopIteration:
+            return keys
+
+
+def test_eval_preprocessing_matches_the_official_processor(golden_dir):
+    inputs, outputs = np.load(golden_dir / "inputs.npz"), np.load(golden_dir / "outputs.npz")
+    image = Image.fromarray(inputs["proc_image_uint8_hwc"])
+    ours = image_ops.preprocess(image, 56, train=False)
+    np.testing.assert_allclose(ours, outputs["proc_pixel_values"][0].transpose(1, 2, 0), atol=1e-5)
+
+
+def test_train_augmentation_is_deterministic_per_sample():
+    image = noise_image(np.random.default_rng(1), 120, 90)
+    a = image_ops.preprocess(image, 56, train=True, rng=np.random.default_rng([3, 0, 0, 5]))
+    b = image_ops.preprocess(image, 56, train=True, rng=np.random.default_rng([3, 0, 0, 5]))
+    c = image_ops.preprocess(image, 56, train=True, rng=np.random.default_rng([3, 0, 0, 6]))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    box = image_ops.random_resized_crop_box(120, 90, np.random.default_rng(0))
+    area = (box[2] - box[0]) * (box[3] - box[1]) / (120 * 90)
+    assert 0.45 < area <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Bad data
+# --------------------------------------------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+    """Shards mixing good samples with every kind of bad one; returns (pattern, expected counts, good)."""
+    d = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(2)
+    good_jpg = encode_image(noise_image(rng))
+    w = ShardWriter(str(d / "b-%03d.tar"), samples_per_shard=12)
+    good = 0
+
+    def ok(key, files):
+        nonlocal good
+        w.write(key, files)
+        good += 1
+
+    cmyk = io.BytesIO()
+    noise_image(rng).convert("CMYK").save(cmyk, "JPEG")
+    gray16 = Image.fromarray((rng.integers(0, 65535, (40, 50))).astype(np.uint16))
+    # shard 0: valid but unusual images (converted, not skipped) and good ones
+    ok("cmyk", {"jpg": cmyk.getvalue(), "txt": b"cmyk picture"})
+    ok("gray", {"png": _png(noise_image(rng).convert("L")), "txt": b"gray picture"})
+    ok("rgba", {"png": _png(noise_image(rng).convert("RGBA")), "txt": b"rgba picture"})
+    ok("la", {"png": _png(noise_image(rng).convert("LA")), "txt": b"la picture"})
+    ok("gray16", {"png": _png(gray16), "txt": b"sixteen bit picture"})
+    ok("palette", {"png": _png(noise_image(rng).convert("P")), "txt": b"palette picture"})
+    for i in range(6):
+        ok(f"good0-{i}", {"jpg": good_jpg, "txt": f"good {i}".encode()})
+    # shard 1: bad samples
+    bad = {
+        "corrupt_image": [("corrupt", {"jpg": b"\xff\xd8\xff\xe0 definitely not a jpeg", "txt": b"x"}),
+                          ("truncated-jpg", {"jpg": good_jpg[: len(good_jpg) // 3], "txt": b"x"})],
+        "decompression_bomb": [("bomb", {"png": _png(Image.new("RGB", (1200, 1000))), "txt": b"x"})],
+        "empty_caption": [("empty", {"jpg": good_jpg, "txt": b"   \n"})],
+        "missing_caption": [("nocap", {"jpg": good_jpg, "json": b"{}"})],
+        "non_utf8_caption": [("latin1", {"jpg": good_jpg, "txt": "caf\xe9 cr\xe8me".encode("latin-1")})],
+        "missing_image": [("noimg", {"txt": b"caption without a picture"})],
+        "empty_image": [("zero", {"jpg": b"", "txt": b"x"})],
+    }
+    for samples in bad.values():
+        for key, files in samples:
+            w.write(key, files)
+    for i in range(12 - sum(len(v) for v in bad.values())):
+        ok(f"good1-{i}", {"jpg": good_jpg, "txt": f"more {i}".encode()})
+    # shard 2: all bad (must not hang); shard 3: good, to be truncated
+    for i in range(12):
+        w.write(f"allbad-{i}", {"jpg": b"garbage", "txt": b"x"})
+    for i in range(12):
+        ok(f"good3-{i}", {"jpg": good_jpg, "txt": f"last {i}".encode()})
+    w.close()
+    # truncate shard 3 in the middle of its 7th sample: the first 6 survive, the cut one is dropped
+    path = d / "b-003.tar"
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers()]
+    cut = members[13].offset_data + 10
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    good -= 6
+    # shard 4: not a tar at all; shard 5: listed but missing
+    (d / "b-004.tar").write_bytes(b"this is not a tar archive" * 50)
+    counts = {k: len(v) for k, v in bad.items()}
+    counts["corrupt_image"] += 12
+    counts.update(truncated_shard=1, unreadable_shard=2)
+    return str(d / "b-{000..005}.tar"), counts, good
+
+
+def test_bad_data_is_skipped_and_counted(bad_corpus, caplog):
+    pattern, expected, good = bad_corpus
+    p = pipeline(pattern, rows=1, image_budget=1, max_skip_fraction=1.0, epochs=1, image_size=56,
+                 max_pixels=1_000_000)
+    with caplog.at_level("WARNING"):
+        batches = list(p)
+    assert len(batches) == good
+    state = p.state()
+    assert state["skipped"] == expected and state["seen"] == good
+    assert "bomb" in caplog.text and "latin1" in caplog.text  # the sample key is in the warning
+    assert all(np.isfinite(b["pixel_values"]).all() for b in batches)
+
+
+def test_too_many_bad_samples_stop_the_run(bad_corpus):
+    pattern, _, _ = bad_corpus
+    p = pipeline(pattern, rows=1, image_budget=1, max_skip_fraction=0.05, max_pixels=1_000_000)
+    with pytest.raises(DataError, match="max_skip_fraction"):
+        for _ in range(1000):
+            next(p)
+
+
+def test_nothing_readable_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "x-0.tar").write_bytes(b"nope")
+    with pytest.raises(DataError, match="no samples"):
+        next(pipeline(str(tmp_path / "x-{0..1}.tar")))
+    bad_only = ShardWriter(str(tmp_path / "y-%d.tar"), 5)
+    for i in range(5):
+        bad_only.write(f"k{i}", {"jpg": b"bad", "txt": b"x"})
+    bad_only.close()
+    with pytest.raises(DataError):
+        next(pipeline(str(tmp_path / "y-0.tar"), max_skip_fraction=1.0))
+
+
+def test_pipe_sources(tmp_path, clean_shards):
+    first = clean_shards.replace("{000..005}", "000")
+    p = pipeline(f"pipe:cat {first}", shuffle=False, cache_dir=str(tmp_path), epochs=1)
+    assert len(list(p)) == 10 // 4
+    os.path.exists(tmp_path)
