@@ -190,6 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         raise
     print("\n".join(report.lines()))
+    if report.total_bytes > report.hbm_bytes:
+        # XLA may still emit a program whose buffer assignment exceeds the chip's HBM estimate.
+        print(f"does not fit on {args.topology}: {report.total_bytes / 2**30:.2f} GiB per chip needed, "
+              f"{report.hbm_bytes / 2**30:.2f} GiB available", file=sys.stderr)
+        return 1
     return 0
 
 

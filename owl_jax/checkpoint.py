@@ -17,7 +17,7 @@ step, and donate, the state right away); the files are written in the background
 only appears under its final name once everything is written (Orbax writes into
 `<step>.orbax-checkpoint-tmp-*` and renames). A crash mid-save therefore leaves at most a temporary
 directory, which `latest_step()` ignores (and which the next writing store to open the directory
-removes), so the previous good checkpoint is never lost. The last `keep` checkpoints are kept.
+removes, at the latest before its first save), so the previous good checkpoint is never lost. The last `keep` checkpoints are kept.
 
 Restoring reads every array straight into the target shardings (`jax.ShapeDtypeStruct(..., sharding=...)`),
 so a checkpoint written on one mesh (say 2x2x2 over 8 devices) restores onto any other mesh or device
@@ -443,7 +443,11 @@ MAY_CHANGE: tuple[str, ...] = (
     "optimizer.learning_rate", "optimizer.schedule", "optimizer.warmup_steps", "optimizer.decay_steps",
     "optimizer.end_learning_rate_ratio", "optimizer.weight_decay", "optimizer.grad_clip_norm",
     "model.dtype", "model.remat_policy", "model.attention_impl", "model.loss_chunk_size",
-    "data.eval_paths", "data.tokenizer",
+    "data.eval_paths", "data.eval_sources", "data.tokenizer", "data.num_workers", "data.prefetch", "data.cache_dir",
+    "data.max_skip_fraction",
+    # How a run reports and evaluates itself, and where a *new* run's weights come from (a resumed run
+    # always continues from its own checkpoint), never change what it computes.
+    "training.eval_batches", "training.max_consecutive_nonfinite", "logging.*", "init.*",
 )
 
 _ABSENT = "<absent>"
@@ -551,3 +555,55 @@ class PreemptionHandler:
 def install_sigterm_handler(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> PreemptionHandler:
     """Install a PreemptionHandler for `signals` and return it (check `.requested` after each step)."""
     return PreemptionHandler(signals).install()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a run for evaluation, export and the next training stage
+# ------------------------------------------------------------------------------------------------
+
+
+def locate(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
+    """A run directory (latest step) or one step directory `RUN/checkpoints/STEP` -> (run_dir, step)."""
+    p = epath.Path(path)
+    if (p / CHECKPOINT_SUBDIR).is_dir():
+        return p, None
+    if p.parent.name == CHECKPOINT_SUBDIR and p.name.isdigit():
+        return p.parent.parent, int(p.name)
+    raise CheckpointError(f"{path} is neither a training run directory (with {CHECKPOINT_SUBDIR}/) nor a step "
+                          f"directory RUN/{CHECKPOINT_SUBDIR}/STEP")
+
+
+def load_run(path: str | os.PathLike, *, mesh=None):
+    """(config, model) of a saved run, restored onto one device (or `mesh`). The config's tokenizer points
+    at the checkpoint's own copy when it has one, so the run directory is self-contained."""
+    from owl_jax.config import config_from_dict
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.train_step import abstract_train_state
+    run_dir, step = locate(path)
+    store = CheckpointStore(run_dir)
+    try:
+        step = store._resolve_step(step)
+        meta = store.read_metadata(step)
+        cfg = config_from_dict(meta["config"])
+        if mesh is None:
+            cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
+            mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+        graphdef, abstract_state, shardings, _, _ = abstract_train_state(cfg, mesh)
+        state, _, _ = store.restore(step, abstract_state=abstract_state, shardings=shardings, config=None)
+        tokenizer_dir = store.tokenizer_dir(step)
+        files = meta.get("tokenizer", {}).get("files") or []
+        if tokenizer_dir is not None and files:
+            source = meta["tokenizer"].get("source") or ""
+            cfg.data.tokenizer = str(tokenizer_dir / files[0]) if len(files) == 1 or not os.path.isdir(source) \
+                else str(tokenizer_dir)
+    finally:
+        store.close()
+    return cfg, nnx.merge(graphdef, state).model
+
+
+def load_model_params(path: str | os.PathLike) -> dict[str, jax.Array]:
+    """Canonical parameters (see `owl_jax.convert.state`) of a saved run's model, for initialising the
+    next stage (whose model may add LoRA adapters or change the layer layout)."""
+    from owl_jax.convert.state import canonical_params
+    _, model = load_run(path)
+    return canonical_params(model)

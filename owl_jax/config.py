@@ -203,10 +203,25 @@ class OptimizerConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One instruction source of the stage-2 mixture."""
+
+    name: str = ""
+    path: str = ""
+    format: str = "llava"  # official | llava | alpaca | sharegpt | baize
+    weight: float = 0.0  # 0 = proportional to the source's size
+    image_root: str = ""  # relative image paths are resolved against this
+
+
+@dataclass
 class DataConfig:
     kind: str = "captions"  # captions | instructions | text | synthetic
+    # Caption shards (stage 1): local paths, brace patterns, fsspec URLs or `pipe:` commands.
     train_paths: list[str] = field(default_factory=list)
     eval_paths: list[str] = field(default_factory=list)
+    # Instruction sources (stage 2 / text pretraining).
+    sources: list[SourceConfig] = field(default_factory=list)
+    eval_sources: list[SourceConfig] = field(default_factory=list)
     tokenizer: str = ""
     seq_len: int = 2048
     global_batch_size: int = 256
@@ -237,6 +252,27 @@ class TrainingConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     eval_every: int = 0
+    eval_batches: int = 4
+    # Steps with a non-finite loss/gradient are skipped; this many in a row stop the run.
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclass
+class InitConfig:
+    """Where the weights of a new run come from (a resumed run always uses its own checkpoint)."""
+
+    from_checkpoint: str = ""  # an earlier stage's run directory (or one of its step directories)
+    owl_from: str = ""  # official mPLUG-Owl / exported HF directory
+    vision_from: str = ""  # HF CLIPVisionModel / CLIPModel directory
+    llm_from: str = ""  # HF LlamaForCausalLM directory
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # a progress line on process 0
+    tensorboard: bool = True
+    wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
+    wandb_run_name: str = ""
 
 
 @dataclass
@@ -246,6 +282,8 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def to_dict(config) -> dict:

@@ -1,0 +1,73 @@
+"""Input pipelines from the config, and the hand-off of per-process batches to global device arrays."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from owl_jax.config import Config, ConfigError
+from owl_jax.sharding import batch_shardings
+
+
+def per_process(total: int, what: str) -> int:
+    n = jax.process_count()
+    if total % n:
+        raise ConfigError(f"{what}={total} is not divisible by the {n} processes")
+    return total // n
+
+
+def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict | None = None,
+                  epochs: int | None = None):
+    """The pipeline for `cfg.data.kind` (captions | instructions | text) and the split (train | eval)."""
+    from data_pipelines.captions import CaptionPipeline
+    data, model = cfg.data, cfg.model
+    train = split == "train"
+    common = dict(tokenizer=tokenizer, seq_len=data.seq_len, rows=per_process(data.global_batch_size,
+                                                                               "data.global_batch_size"),
+                  image_size=model.vision.image_size, tokens_per_image=model.tokens_per_image,
+                  seed=data.seed if train else data.seed + 1, process_index=jax.process_index(),
+                  num_processes=jax.process_count(), micro_batches=cfg.training.grad_accum_steps if train else 1,
+                  max_skip_fraction=data.max_skip_fraction, state=state, epochs=epochs)
+    budget = max(per_process(data.images_per_batch, "data.images_per_batch"), 1)
+    if data.kind == "captions":
+        paths = data.train_paths if train else data.eval_paths
+        if not paths:
+            raise ConfigError(f"data.{'train' if train else 'eval'}_paths is empty (caption shards expected)")
+        return CaptionPipeline(paths, image_budget=budget, template=data.caption_template, shuffle=data.shuffle and train,
+                               shuffle_shards=data.shuffle_shards, train=train,
+                               num_workers=data.num_workers if train else 0, prefetch=data.prefetch,
+                               cache_dir=data.cache_dir or None, **common)
+    if data.kind in ("instructions", "text"):
+        from data_pipelines.instructions import InstructionPipeline, InstructionSource
+        sources = data.sources if train else data.eval_sources
+        if not sources:
+            raise ConfigError(f"data.{'sources' if train else 'eval_sources'} is empty (instruction sources expected)")
+        srcs = [InstructionSource(s.name or s.path, s.path, s.format, weight=s.weight or None, image_root=s.image_root)
+                for s in sources]
+        return InstructionPipeline(srcs, image_budget=budget, train=train, packing=data.packing, **common)
+    raise ConfigError(f"data.kind {data.kind!r} is not one of captions, instructions, text")
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows (a contiguous block of the global batch) -> global sharded arrays."""
+    shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+              for k, v in local.items()}
+    shardings = batch_shardings(shapes, mesh)
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+def batches(pipeline, mesh: Mesh, keys: tuple[str, ...] | None = None) -> Iterator[dict[str, jax.Array]]:
+    for local in pipeline:
+        if keys is not None:
+            local = {k: v for k, v in local.items() if k in keys}
+        yield global_batch(local, mesh)
+
+
+def batch_keys(cfg: Config) -> tuple[str, ...]:
+    from owl_jax.training.stages import uses_images
+    keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+    return keys + (("pixel_values", "image_index") if uses_images(cfg.training.stage) else ())
+

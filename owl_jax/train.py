@@ -1,0 +1,257 @@
+"""`python -m owl_jax.train --config configs/<recipe>.yaml [section.key=value ...]`
+
+Prints the resolved config, the mesh and parameter counts, then trains: input pipeline -> global batches
+-> the jitted sharded step; `metrics.jsonl` / TensorBoard / W&B logging and a progress line on process
+0; Orbax checkpoints every `training.checkpoint_every` steps, at the end and on SIGTERM (preemption).
+Re-running the same command resumes from the latest checkpoint of `training.output_dir` — model,
+optimizer, RNG and data-iterator state — so the continued run is the run that was interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from owl_jax.config import Config, ConfigError, dump_config, load_config
+
+log = logging.getLogger("owl_jax.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. repeated non-finite losses); the last good checkpoint is kept."""
+
+
+def _print(*args) -> None:
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def _init_weights(cfg: Config, trainer) -> None:
+    """Apply `init.*` (pretrained or earlier-stage weights) to a fresh run's model, then re-shard."""
+    from owl_jax.convert import mplug_owl
+    init = cfg.init
+    if not (init.from_checkpoint or init.owl_from or init.vision_from or init.llm_from):
+        return
+    ts = nnx.merge(trainer.graphdef, trainer.state)
+    model = ts.model
+    if init.owl_from:
+        mplug_owl.load_official(model, cfg.model, init.owl_from)
+    if init.vision_from:
+        mplug_owl.load_hf_clip_vision(model, cfg.model, init.vision_from)
+    if init.llm_from:
+        mplug_owl.load_hf_llama(model, cfg.model, init.llm_from)
+    if init.from_checkpoint:
+        from owl_jax.checkpoint import load_model_params
+        from owl_jax.convert.state import assign_canonical_params
+        params = load_model_params(init.from_checkpoint)
+        assign_canonical_params(model, params, include=lambda p: p in params)
+        _print(f"initialised {len(params)} parameters from {init.from_checkpoint}")
+    trainer.state = jax.device_put(nnx.state(ts), trainer.state_sharding)
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def evaluate(cfg: Config, trainer, tokenizer, mesh, keys) -> dict[str, float]:
+    """Token-mean loss over `training.eval_batches` batches of the held-out split (deterministic)."""
+    from owl_jax.data import batches, make_pipeline
+    pipeline = make_pipeline(cfg, tokenizer, split="eval")
+    eval_step = _eval_step(trainer)
+    total = count = 0.0
+    try:
+        for i, batch in enumerate(batches(pipeline, mesh, keys)):
+            if i >= cfg.training.eval_batches:
+                break
+            s, c = jax.device_get(eval_step(trainer.state, batch))
+            total, count = total + float(s), count + float(c)
+    finally:
+        if hasattr(pipeline, "close"):
+            pipeline.close()
+    return {"loss": total / max(count, 1.0), "tokens": count}
+
+
+def _eval_step(trainer):
+    if not hasattr(trainer, "_eval_fn"):
+        graphdef = trainer.graphdef
+
+        def fn(state, batch):
+            model = nnx.merge(graphdef, state).model
+            model.eval()
+            return model.loss_terms(batch)
+
+        trainer._eval_fn = jax.jit(fn)
+    return trainer._eval_fn
+
+
+def run(cfg: Config) -> dict:
+    """Train according to `cfg`; returns the final metrics. Raises ConfigError / TrainingError / DataError."""
+    from data_pipelines.tokenizers import load_tokenizer
+    from owl_jax.checkpoint import CheckpointStore, install_sigterm_handler
+    from owl_jax.compile_counter import count_compiles
+    from owl_jax.data import batch_keys, batches, make_pipeline
+    from owl_jax.metrics_log import MetricsWriter
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.train_step import abstract_batch, create_trainer
+
+    t_cfg = cfg.training
+    run_dir = t_cfg.output_dir
+    mesh = make_mesh(cfg.mesh)
+    _print(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices ({jax.devices()[0].platform}), "
+           f"{jax.process_count()} process(es)")
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer is empty (path to tokenizer.model / tokenizer.json)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.text.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
+                          f"{cfg.model.text.vocab_size}")
+
+    keys = batch_keys(cfg)
+    example = {k: v for k, v in abstract_batch(cfg).items() if k in keys}
+    trainer = create_trainer(cfg, mesh, batch_example=example)
+    model = trainer.model()
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    trainable = sum(int(np.prod(x.shape)) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                    if ".".join(map(str, p)) in set(trainer.trainable))
+    _print(f"parameters: {total:,} total, {trainable:,} trainable ({cfg.training.stage})")
+
+    # The tokenizer file(s) travel with every checkpoint (built-in tokenizers like `toy:512` have none).
+    tokenizer_path = cfg.data.tokenizer if os.path.exists(cfg.data.tokenizer) else None
+    store = CheckpointStore(run_dir, cfg, keep=t_cfg.keep_checkpoints, tokenizer_path=tokenizer_path)
+    writer = MetricsWriter(run_dir, cfg.logging, enabled=jax.process_index() == 0,
+                           config_dict=dataclasses.asdict(cfg))
+    data_state, start_step = None, 0
+    latest = store.latest_step()
+    if latest is not None:
+        # Checks the saved config against this one (IncompatibleCheckpointError lists what differs).
+        state, data_state, _ = store.restore(latest, abstract_state=trainer.state, shardings=trainer.state_sharding)
+        trainer.state = state
+        if data_state is None:  # saved by a different number of processes
+            data_state = _own_data_state(store.all_data_states(latest), make_pipeline, cfg, tokenizer)
+        start_step = latest
+        writer.truncate_after(latest)
+        _print(f"resumed from {run_dir} at step {latest}")
+    else:
+        _init_weights(cfg, trainer)
+        if jax.process_index() == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(dump_config(cfg))
+
+    pipeline = make_pipeline(cfg, tokenizer, state=data_state)
+    stream = batches(pipeline, mesh, keys)
+    signal_handler = install_sigterm_handler()
+    rows = cfg.data.global_batch_size
+    step, last_metrics, nonfinite_run = start_step, {}, 0
+    started, window_start, window_tokens, window_images = time.time(), time.time(), 0.0, 0
+    images_per_step = cfg.data.images_per_batch if "pixel_values" in keys else 0
+
+    def save(force: bool = False) -> None:
+        store.save(step, trainer.state, data_state=pipeline.state(), extra={"metrics": last_metrics}, force=force)
+
+    try:
+        with count_compiles() as compiles:
+            while step < t_cfg.steps:
+                metrics = trainer.step(next(stream))
+                step += 1
+                if int(metrics["skipped"]):
+                    nonfinite_run += 1
+                    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                                nonfinite_run)
+                    if nonfinite_run >= t_cfg.max_consecutive_nonfinite:
+                        raise TrainingError(f"{nonfinite_run} consecutive steps with a non-finite loss or "
+                                            f"gradient (step {step}); stopping. The last good checkpoint is kept "
+                                            f"in {run_dir}.")
+                else:
+                    nonfinite_run = 0
+                if step % t_cfg.log_every == 0 or step == t_cfg.steps:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.time()
+                    window_tokens += values["tokens"]
+                    elapsed = now - window_start
+                    steps_in_window = t_cfg.log_every if step % t_cfg.log_every == 0 else step % t_cfg.log_every
+                    values["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    values["images_per_s"] = images_per_step * steps_in_window / max(elapsed, 1e-9)
+                    values["step_compiles"] = compiles["jit(step)"]
+                    writer.write(step, values)
+                    eta = (t_cfg.steps - step) * elapsed / max(steps_in_window, 1)
+                    if cfg.logging.progress:
+                        _print(f"step {step}/{t_cfg.steps} loss {values['loss']:.4f} lr {values['learning_rate']:.2e} "
+                               f"grad_norm {values['grad_norm']:.3f} tokens/s {values['tokens_per_s']:.0f} "
+                               f"images/s {values['images_per_s']:.1f} ETA {_format_eta(eta)}")
+                    last_metrics, window_start, window_tokens = values, time.time(), 0.0
+                if t_cfg.eval_every and step % t_cfg.eval_every == 0 and (cfg.data.eval_paths or cfg.data.eval_sources):
+                    ev = evaluate(cfg, trainer, tokenizer, mesh, keys)
+                    writer.write(step, ev, prefix="eval")
+                    _print(f"step {step}: eval loss {ev['loss']:.4f} over {ev['tokens']:.0f} tokens")
+                if signal_handler.requested:
+                    _print(f"preemption signal: checkpointing step {step} and exiting")
+                    save(force=True)
+                    break
+                if step % t_cfg.checkpoint_every == 0:
+                    save()
+            if step == t_cfg.steps and store.latest_step() != step:
+                save(force=True)
+        store.wait()
+    finally:
+        signal_handler.uninstall()
+        if hasattr(pipeline, "close"):
+            pipeline.close()
+        store.close()
+        writer.close()
+    last_metrics["step"] = step
+    last_metrics["seconds"] = time.time() - started
+    return last_metrics
+
+
+def _own_data_state(saved: list[dict], make_pipeline, cfg: Config, tokenizer) -> dict | None:
+    """This process's iterator state, remapped from all saved processes' states (the process count
+    changed since the save)."""
+    probe = make_pipeline(cfg, tokenizer)
+    if not hasattr(probe, "remap_states"):
+        raise TrainingError(f"the checkpoint was written by {len(saved)} processes and this {cfg.data.kind} "
+                            f"pipeline cannot re-split its iterator state for {jax.process_count()}; resume "
+                            f"with {len(saved)} processes")
+    try:
+        return probe.remap_states(saved, jax.process_count())[jax.process_index()]
+    finally:
+        if hasattr(probe, "close"):
+            probe.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m owl_jax.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo_stage1.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from data_pipelines.captions import DataError
+    from owl_jax.checkpoint import CheckpointError
+    try:
+        cfg = load_config(args.config, args.overrides)
+        _print(dump_config(cfg).rstrip())
+        metrics = run(cfg)
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, FileNotFoundError)) else 1
+    _print(f"done: step {metrics['step']} in {metrics['seconds']:.0f}s, final loss {metrics.get('loss', float('nan')):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
