@@ -83,7 +83,7 @@ _POSITION_LONG = {"left": "on the left side of the picture", "right": "on the ri
                   "center": "in the center of the picture"}
 _POSITION_XY = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
                 "center": (0.5, 0.5)}
-_RADIUS = {"small": 0.12, "large": 0.20}  # fraction of the image side
+_RADIUS = {"small": 0.11, "large": 0.21}  # fraction of the image side
 _TWO_SHAPE_PAIRS = (("left", "right"), ("top", "bottom"))
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -522,7 +522,7 @@ def make_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train_pictures:
     (tokenizer.model); plus params, counts, choices, chance (1/len(choices) per kind), majority (share of
     the most frequent gold answer per kind in eval_vqa) and `reused` (True when nothing was generated).
     """
-    if image_size < 32:
+    if image_size < 32:  # below ~48 pixels small stars and crosses start to look alike
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     if num_train_pictures < 1 or num_eval_pictures < 1:
         raise ValueError("need at least one train and one eval picture")
@@ -610,6 +610,7 @@ def make_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train_pictures:
     counts["eval_vqa"] = len(eval_records)
 
     corpus += [f"{k} {a}" for k, answers in CHOICES.items() for a in answers]  # every answer is in the text
+    corpus.append("0 1 2 3 4 5 6 7 8 9 , . ; : ! ? ' \" ( ) - + = / " + " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     (root / "tokenizer.model").write_bytes(train_tokenizer([l for l in corpus if l.strip()], vocab_size))
     paths["tokenizer"] = "tokenizer.model"
 

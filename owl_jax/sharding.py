@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from owl_jax.config import MeshConfig
+from owl_jax.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -29,8 +29,8 @@ BATCH_AXES = ("data", "fsdp")
 log = logging.getLogger(__name__)
 
 
-class MeshError(ValueError):
-    """The mesh shape in the config does not fit the available devices."""
+class MeshError(ConfigError, ValueError):
+    """The mesh shape (or batch) in the config does not fit the available devices: a user error."""
 
 
 def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
