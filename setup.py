@@ -22,6 +22,8 @@ setup(
         "webdataset>=1.0",
         "sentencepiece>=0.2",
         "tqdm>=4.60",
+        "tokenizers>=0.20",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # The PyTorch side of parity and export tests. torch is pinned to the CPU build used for the

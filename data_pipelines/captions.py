@@ -37,6 +37,7 @@ class DecodeTask:
     train: bool
     seed: int
     max_pixels: int
+    hflip: bool = True
 
 
 def decode_sample(task: DecodeTask):
@@ -57,7 +58,7 @@ def decode_sample(task: DecodeTask):
             raise image_ops.BadSample("empty_caption")
         image = image_ops.decode_image(read_member(ref.path, *members[image_ext]), max_pixels=task.max_pixels)
         rng = np.random.default_rng([task.seed, *task.position]) if task.train else None
-        pixels = image_ops.preprocess(image, task.image_size, train=task.train, rng=rng)
+        pixels = image_ops.preprocess(image, task.image_size, train=task.train, rng=rng, hflip=task.hflip)
         return task.position, ref.key, pixels, caption, None, ""
     except image_ops.BadSample as e:
         return task.position, ref.key, None, None, e.reason, str(e)
@@ -101,7 +102,8 @@ class CaptionPipeline:
 
     def __init__(self, sources: Sequence[str] | str, *, tokenizer, seq_len: int, rows: int, image_budget: int,
                  image_size: int, tokens_per_image: int, template: str = "<image>{caption}", seed: int = 0,
-                 shuffle: bool = True, shuffle_shards: int = 8, train: bool = True, num_workers: int = 0,
+                 shuffle: bool = True, shuffle_shards: int = 8, train: bool = True, hflip: bool = True,
+                 num_workers: int = 0,
                  prefetch: int = 64, process_index: int = 0, num_processes: int = 1,
                  micro_batches: int = 1, max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
                  cache_dir: str | None = None, epochs: Optional[int] = None, state: dict | None = None):
@@ -114,6 +116,7 @@ class CaptionPipeline:
         self.seq_len, self.rows, self.image_budget = seq_len, rows, image_budget
         self.image_size, self.tokens_per_image, self.micro_batches = image_size, tokens_per_image, micro_batches
         self.seed, self.shuffle, self.shuffle_shards, self.train = seed, shuffle, shuffle_shards, train
+        self.hflip = hflip
         self.num_workers, self.prefetch, self.max_pixels = num_workers, prefetch, max_pixels
         self.max_skip_fraction, self.cache_dir, self.epochs = max_skip_fraction, cache_dir, epochs
         self.captions = CaptionTokenizer(tokenizer, template, tokens_per_image)
@@ -167,7 +170,7 @@ class CaptionPipeline:
             sizes = (len(self._window(st.epoch, w)) for w in range(self._num_windows()))
             for pos in positions(st, sizes):
                 yield DecodeTask(pos, self._window(pos[0], pos[1])[pos[2]], self.image_size, self.train,
-                                 self.seed, self.max_pixels)
+                                 self.seed, self.max_pixels, self.hflip)
             if not self._any_samples(st.epoch):
                 raise DataError(f"no samples at all in {len(self.sources)} shards ({dict(self._state.skipped)})")
             st = StreamState(process_index=st.process_index, num_processes=st.num_processes, epoch=st.epoch + 1,

@@ -106,14 +106,15 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *
 
 
 def preprocess(image: Image.Image, size: int, *, train: bool, rng: np.random.Generator | None = None,
-               normalize: bool = True) -> np.ndarray:
-    """RGB image -> [size, size, 3] float32 (CLIP-normalised) or uint8 (normalize=False)."""
+               normalize: bool = True, hflip: bool = True) -> np.ndarray:
+    """RGB image -> [size, size, 3] float32 (CLIP-normalised) or uint8 (normalize=False). `hflip=False`
+    keeps the random crop but never mirrors (for text that names left and right)."""
     if train:
         if rng is None:
             raise ValueError("training augmentation needs an rng")
         box = random_resized_crop_box(*image.size, rng)
         image = image.resize((size, size), Image.BICUBIC, box=box)
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and hflip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
     else:
         image = image.resize((size, size), Image.BICUBIC)

@@ -194,6 +194,7 @@ class ImageTask:
     train: bool
     seed: int
     max_pixels: int = image_ops.DEFAULT_MAX_PIXELS
+    hflip: bool = True
 
 
 def decode_images(task: ImageTask) -> list[np.ndarray]:
@@ -213,7 +214,7 @@ def decode_images(task: ImageTask) -> list[np.ndarray]:
         except image_ops.BadSample as e:
             raise image_ops.BadSample(e.reason, f"{path}: {e}") from None
         rng = np.random.default_rng([task.seed, _AUGMENT_SALT, task.index, k]) if task.train else None
-        out.append(image_ops.preprocess(image, task.image_size, train=task.train, rng=rng))
+        out.append(image_ops.preprocess(image, task.image_size, train=task.train, rng=rng, hflip=task.hflip))
     return out
 
 
@@ -272,7 +273,7 @@ class InstructionPipeline:
                  image_budget: int, image_size: int, tokens_per_image: int, seed: int = 0, train: bool = True,
                  packing: bool = False, process_index: int = 0, num_processes: int = 1, micro_batches: int = 1,
                  max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
-                 state: dict | None = None, epochs: Optional[int] = None):
+                 state: dict | None = None, epochs: Optional[int] = None, hflip: bool = True):
         self.sources = list(sources)
         if not self.sources:
             raise DataError("no instruction sources")
@@ -295,6 +296,7 @@ class InstructionPipeline:
         self.tokenizer, self.seq_len, self.rows, self.image_budget = tokenizer, seq_len, rows, image_budget
         self.image_size, self.tokens_per_image, self.micro_batches = image_size, tokens_per_image, micro_batches
         self.seed, self.train, self.packing, self.epochs = seed, train, packing, epochs
+        self.hflip = hflip
         self.max_skip_fraction, self.max_pixels = max_skip_fraction, max_pixels
         self.images_per_micro_batch = image_budget // micro_batches
         self.max_carry = rows
@@ -420,7 +422,7 @@ class InstructionPipeline:
         source, record = self.locate(index)
         sample = self._text(source, record)
         task = ImageTask(index, tuple(self.sources[source].resolve(p) for p in sample.images), self.image_size,
-                         self.train, self.seed, self.max_pixels)
+                         self.train, self.seed, self.max_pixels, self.hflip)
         pixels = decode_images(task)
         return _Prepared(index, source, record, sample.tokens, sample.targets, sample.loss_mask, pixels)
 

@@ -233,6 +233,9 @@ class DataConfig:
     shuffle_shards: int = 8
     # Caption prompt: text around the caption; `<image>` marks the image slot; loss on the caption only.
     caption_template: str = "<image>{caption}"
+    # Training augmentation of caption images: random resized crop (scale 0.5-1) and horizontal flip.
+    augment: bool = True
+    hflip: bool = True
     # Stop with an error when more than this fraction of samples had to be skipped (after 200 samples).
     max_skip_fraction: float = 0.1
     num_workers: int = 4

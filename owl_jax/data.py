@@ -37,7 +37,7 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
         if not paths:
             raise ConfigError(f"data.{'train' if train else 'eval'}_paths is empty (caption shards expected)")
         return CaptionPipeline(paths, image_budget=budget, template=data.caption_template, shuffle=data.shuffle and train,
-                               shuffle_shards=data.shuffle_shards, train=train,
+                               shuffle_shards=data.shuffle_shards, train=train and data.augment, hflip=data.hflip,
                                num_workers=data.num_workers if train else 0, prefetch=data.prefetch,
                                cache_dir=data.cache_dir or None, **common)
     if data.kind in ("instructions", "text"):
@@ -47,7 +47,8 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
             raise ConfigError(f"data.{'sources' if train else 'eval_sources'} is empty (instruction sources expected)")
         srcs = [InstructionSource(s.name or s.path, s.path, s.format, weight=s.weight or None, image_root=s.image_root)
                 for s in sources]
-        return InstructionPipeline(srcs, image_budget=budget, train=train, packing=data.packing, **common)
+        return InstructionPipeline(srcs, image_budget=budget, train=train and data.augment, hflip=data.hflip,
+                                   packing=data.packing, **common)
     raise ConfigError(f"data.kind {data.kind!r} is not one of captions, instructions, text")
 
 

@@ -89,6 +89,42 @@ def multiple_choice_accuracy(cfg: Config, model, tokenizer, questions: list[dict
             for k in count}
 
 
+def _caption_batch(cfg: Config, tokenizer, captions: Sequence[str], pixels: np.ndarray):
+    from data_pipelines.captions import CaptionTokenizer
+    from owl_jax.models.splice import plan_image_slots
+    tpi, t, n = cfg.model.tokens_per_image, cfg.data.seq_len, len(captions)
+    encode = CaptionTokenizer(tokenizer, cfg.data.caption_template, tpi)
+    tokens = np.full((n, t), tokenizer.pad_id, np.int64)
+    weighted = np.zeros((n, t), bool)
+    for i, c in enumerate(captions):
+        tok, w = encode(c, t)
+        tokens[i, :len(tok)], weighted[i, :len(tok)] = tok, w
+    return {"tokens": tokens.astype(np.int32),
+            "targets": np.maximum(np.concatenate([tokens[:, 1:], np.zeros((n, 1), np.int64)], 1), 0).astype(np.int32),
+            "loss_mask": np.concatenate([weighted[:, 1:], np.zeros((n, 1), bool)], 1),
+            "pixel_values": np.repeat(pixels[None], n, axis=0),
+            "image_index": plan_image_slots(tokens, np.ones(n, np.int64), tokens_per_image=tpi, image_budget=n)}
+
+
+def caption_matching_accuracy(cfg: Config, model, tokenizer, records: list[dict], image_root: str, *,
+                              num_choices: int = 5, seed: int = 0) -> dict:
+    """Pick each picture's caption among `num_choices` (its own + captions of pictures with another
+    description) by caption likelihood under the stage-1 template."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    scores_fn = _row_scores_fn(graphdef)
+    rng = np.random.default_rng(seed)
+    correct = 0
+    for i, r in enumerate(records):
+        others = [o["caption"] for o in records if o.get("description", o["caption"]) != r.get("description", r["caption"])]
+        distractors = [others[j] for j in rng.choice(len(others), size=num_choices - 1, replace=False)]
+        candidates = [r["caption"], *distractors]
+        pixels = load_image(os.path.join(image_root, r["image"]), cfg.model.vision.image_size)
+        scores = np.asarray(scores_fn(state, _caption_batch(cfg, tokenizer, candidates, pixels)))
+        correct += int(np.argmin(scores) == 0)
+    return {"captions": {"accuracy": correct / len(records), "chance": 1.0 / num_choices, "count": len(records)}}
+
+
 def load_model_for_eval(checkpoint: str):
     """(config, model, tokenizer) from a training run directory (latest step) or one step directory."""
     from data_pipelines.tokenizers import load_tokenizer
@@ -100,8 +136,9 @@ def load_model_for_eval(checkpoint: str):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m owl_jax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="training run directory (or a step directory)")
-    parser.add_argument("--task", choices=["vqa"], default="vqa")
-    parser.add_argument("--questions", required=True, help="jsonl with image, question, answer, choices, kind")
+    parser.add_argument("--task", choices=["vqa", "captions"], default="vqa")
+    parser.add_argument("--questions", required=True,
+                        help="jsonl: vqa {image, question, answer, choices, kind}; captions {image, caption}")
     parser.add_argument("--image-root", default="")
     parser.add_argument("--limit", type=int, default=0)
     args = parser.parse_args(argv)
@@ -110,7 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         questions = [json.loads(line) for line in f if line.strip()]
     if args.limit:
         questions = questions[:args.limit]
-    results = multiple_choice_accuracy(cfg, model, tokenizer, questions, args.image_root)
+    if args.task == "vqa":
+        results = multiple_choice_accuracy(cfg, model, tokenizer, questions, args.image_root)
+    else:
+        results = caption_matching_accuracy(cfg, model, tokenizer, questions, args.image_root)
     for kind, r in sorted(results.items()):
         print(f"{kind:>10}: accuracy {100 * r['accuracy']:5.1f}%  (chance {100 * r['chance']:4.1f}%, "
               f"{r['count']} questions)")

@@ -158,7 +158,7 @@ def run(cfg: Config) -> dict:
     signal_handler = install_sigterm_handler()
     rows = cfg.data.global_batch_size
     step, last_metrics, nonfinite_run = start_step, {}, 0
-    started, window_start, window_tokens, window_images = time.time(), time.time(), 0.0, 0
+    started, window_start, window_step = time.time(), time.time(), start_step
     images_per_step = cfg.data.images_per_batch if "pixel_values" in keys else 0
 
     def save(force: bool = False) -> None:
@@ -181,11 +181,10 @@ def run(cfg: Config) -> dict:
                     nonfinite_run = 0
                 if step % t_cfg.log_every == 0 or step == t_cfg.steps:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.time()
-                    window_tokens += values["tokens"]
-                    elapsed = now - window_start
-                    steps_in_window = t_cfg.log_every if step % t_cfg.log_every == 0 else step % t_cfg.log_every
-                    values["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                    elapsed = time.time() - window_start
+                    steps_in_window = step - window_step
+                    # trained (loss) tokens per second, estimated from this step's count
+                    values["tokens_per_s"] = values["tokens"] * steps_in_window / max(elapsed, 1e-9)
                     values["images_per_s"] = images_per_step * steps_in_window / max(elapsed, 1e-9)
                     values["step_compiles"] = compiles["jit(step)"]
                     writer.write(step, values)
@@ -194,7 +193,7 @@ def run(cfg: Config) -> dict:
                         _print(f"step {step}/{t_cfg.steps} loss {values['loss']:.4f} lr {values['learning_rate']:.2e} "
                                f"grad_norm {values['grad_norm']:.3f} tokens/s {values['tokens_per_s']:.0f} "
                                f"images/s {values['images_per_s']:.1f} ETA {_format_eta(eta)}")
-                    last_metrics, window_start, window_tokens = values, time.time(), 0.0
+                    last_metrics, window_start, window_step = values, time.time(), step
                 if t_cfg.eval_every and step % t_cfg.eval_every == 0 and (cfg.data.eval_paths or cfg.data.eval_sources):
                     ev = evaluate(cfg, trainer, tokenizer, mesh, keys)
                     writer.write(step, ev, prefix="eval")

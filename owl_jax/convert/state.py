@@ -101,4 +101,15 @@ def assign_canonical_params(model: nnx.Module, params: dict[str, np.ndarray | ja
             if per_layer[0] not in expected:
                 continue
             value = np.stack([np.asarray(params[k]) for k in per_layer])
-        var[...] = jnp.asarray(value, dtype=var.dtype)
+        _set_keeping_placement(var, value)
+
+
+def _set_keeping_placement(var: nnx.Variable, value) -> None:
+    """Replace a variable's value, cast to its dtype and placed with its current sharding (values may come
+    from the host or from another device set, e.g. a checkpoint restored onto one device)."""
+    current = var.get_value()
+    new = jnp.asarray(np.asarray(value), dtype=current.dtype)
+    sharding = getattr(current, "sharding", None)
+    if sharding is not None:
+        new = jax.device_put(new, sharding)
+    var.set_value(new)
