@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import braceexpand
 

@@ -26,7 +26,6 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # Describing a topology does not own any TPU; let concurrent compiles (and test runs) share libtpu.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax  # noqa: E402
 
 from owl_jax.config import Config, ConfigError, load_config  # noqa: E402
 from owl_jax.sharding import MeshError  # noqa: E402

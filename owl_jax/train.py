@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -156,7 +155,6 @@ def run(cfg: Config) -> dict:
     pipeline = make_pipeline(cfg, tokenizer, state=data_state)
     stream = batches(pipeline, mesh, keys)
     signal_handler = install_sigterm_handler()
-    rows = cfg.data.global_batch_size
     step, last_metrics, nonfinite_run = start_step, {}, 0
     started, window_start, window_step = time.time(), time.time(), start_step
     images_per_step = cfg.data.images_per_batch if "pixel_values" in keys else 0

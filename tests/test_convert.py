@@ -15,11 +15,11 @@ import pytest
 import jax.numpy as jnp
 from flax import nnx
 
-from owl_jax.config import LoRAConfig, ModelConfig
+from owl_jax.config import LoRAConfig
 from owl_jax.convert import clip
 from owl_jax.convert.io import SafetensorsFile, WeightFileError, load_tensors, save_safetensors
 from owl_jax.convert.keymap import CheckpointMismatchError, params_to_tensors, tensors_to_params
-from owl_jax.convert.llama import IGNORED_BUFFERS, llama_rules
+from owl_jax.convert.llama import IGNORED_BUFFERS
 from owl_jax.convert.mplug_owl import (load_hf_llama, load_official, load_peft_lora, official_rules,
                                        read_official_config, text_config_from_hf)
 from owl_jax.convert.state import StateMismatchError, canonical_params

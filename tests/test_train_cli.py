@@ -65,6 +65,18 @@ def wait_for_step(run_dir, step, proc, timeout=300):
     raise AssertionError("timed out waiting for training")
 
 
+def wait_for_committed_checkpoint(run_dir, proc, timeout=300):
+    start = time.time()
+    while time.time() - start < timeout:
+        ckpt = os.path.join(run_dir, "checkpoints")
+        if os.path.isdir(ckpt) and any(p.isdigit() for p in os.listdir(ckpt)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.returncode}")
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for a checkpoint")
+
+
 def test_kill_9_then_rerun_reproduces_the_uninterrupted_run(tmp_path, shards):
     steps = 8
     reference = tmp_path / "reference"
@@ -77,6 +89,7 @@ def test_kill_9_then_rerun_reproduces_the_uninterrupted_run(tmp_path, shards):
     proc = subprocess.Popen(command(run, shards, steps), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wait_for_step(run, kill_at, proc)
+    wait_for_committed_checkpoint(run, proc)  # (async saves: the step-2 save may still be in flight)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = subprocess.run(command(run, shards, steps), cwd=ROOT, env=env(), capture_output=True, text=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from owl_jax.config import VisionConfig
-from owl_jax.convert.keymap import CheckpointMismatchError, TensorRule, layer_norm, linear, reshape_to, transpose
+from owl_jax.convert.keymap import CheckpointMismatchError, TensorRule, layer_norm, linear, reshape_to
 
 TOWER = "vision_model"  # owl-jax path of the vision tower
 STACK = f"{TOWER}.layers.layers"

@@ -9,7 +9,6 @@ checkpoints — and bfloat16 works without torch. Legacy `.bin` files go through
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from pathlib import Path

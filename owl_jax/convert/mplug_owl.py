@@ -8,7 +8,6 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from flax import nnx

@@ -11,7 +11,6 @@ configured compute dtype.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Callable, Optional, Sequence
 

@@ -4,7 +4,6 @@ global-norm clipping (optax)."""
 from __future__ import annotations
 
 import re
-from typing import Callable
 
 import jax
 import optax
