@@ -11,7 +11,7 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e .
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 
-python -m data_pipelines.synthetic --out demo_world > /dev/null
+python -m data_pipelines.synthetic --out demo_world --train-pictures 6000 --samples-per-shard 1000 > /dev/null
 echo "demo world ready in demo_world/"
 for stage in lm stage1 stage2; do
   echo "=== training: configs/demo_$stage.yaml"

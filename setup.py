@@ -29,9 +29,15 @@ setup(
         # The PyTorch side of parity and export tests. torch is pinned to the CPU build used for the
         # golden references; safetensors/peft/transformers load what owl-jax exports.
         # libtpu (via jax[tpu]) lets the AOT tests compile for TPU topologies on a CPU machine.
+        # The tfds packages (~35 s to install into a fresh venv, pyarrow included) let the TFDS-source
+        # and parquet tests run instead of skipping.
         "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0,<6", "peft>=0.17", "safetensors>=0.4",
-                 "jax[tpu]>=0.10.2,<0.11"],
+                 "jax[tpu]>=0.10.2,<0.11", "tensorflow-datasets>=4.9.4", "array_record>=0.5"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # Prepared TFDS datasets (array_record) as caption sources, read without TensorFlow.
+        "tfds": ["tensorflow-datasets>=4.9.4", "array_record>=0.5"],
+        # Parquet caption tables for `python -m data_pipelines.make_shards captions`.
+        "parquet": ["pyarrow>=12"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
     },
 )

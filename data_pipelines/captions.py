@@ -9,7 +9,9 @@ returned so far, so restoring it replays the same batches even though workers de
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 from typing import Iterator, Optional, Sequence
@@ -40,30 +42,69 @@ class DecodeTask:
     hflip: bool = True
 
 
-def decode_sample(task: DecodeTask):
-    """Worker function: (position, key, pixels or None, caption or None, bad reason or None, detail)."""
-    ref, members = task.ref, task.ref.members()
-    try:
-        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if image_ext is None:
-            raise image_ops.BadSample("missing_image")
-        if "txt" not in members:
+def read_raw(ref: SampleRef) -> tuple[bytes, bytes | str]:
+    """(encoded image, caption as stored) of a sample: members of a tar shard, or a record of a TFDS
+    dataset (`tfds_source`: one member `tfds` whose offset is the record number)."""
+    members = ref.members()
+    if "tfds" in members:
+        from data_pipelines import tfds_source
+        image, caption = tfds_source.read_example(ref.path, members["tfds"][0])
+        if caption is None:
             raise image_ops.BadSample("missing_caption")
+        return image, caption
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if image_ext is None:
+        raise image_ops.BadSample("missing_image")
+    if "txt" not in members:
+        raise image_ops.BadSample("missing_caption")
+    return read_member(ref.path, *members[image_ext]), read_member(ref.path, *members["txt"])
+
+
+def decode_sample(task: DecodeTask):
+    """Worker function: (position, key, uint8 pixels or None, caption or None, bad reason or None, detail)."""
+    ref = task.ref
+    try:
+        image_data, raw_caption = read_raw(ref)
         try:
-            caption = read_member(ref.path, *members["txt"]).decode("utf-8")
+            caption = raw_caption.decode("utf-8") if isinstance(raw_caption, bytes) else str(raw_caption)
         except UnicodeDecodeError:
             raise image_ops.BadSample("non_utf8_caption") from None
         caption = caption.strip()
         if not caption:
             raise image_ops.BadSample("empty_caption")
-        image = image_ops.decode_image(read_member(ref.path, *members[image_ext]), max_pixels=task.max_pixels)
+        image = image_ops.decode_image(image_data, max_pixels=task.max_pixels)
         rng = np.random.default_rng([task.seed, *task.position]) if task.train else None
-        pixels = image_ops.preprocess(image, task.image_size, train=task.train, rng=rng, hflip=task.hflip)
+        # uint8 across the process boundary (a quarter of the float32 bytes to pickle); next_sample
+        # normalises.
+        pixels = image_ops.preprocess(image, task.image_size, train=task.train, rng=rng, hflip=task.hflip,
+                                      normalize=False)
         return task.position, ref.key, pixels, caption, None, ""
     except image_ops.BadSample as e:
         return task.position, ref.key, None, None, e.reason, str(e)
     except (OSError, ShardError) as e:
         return task.position, ref.key, None, None, "read_error", str(e)
+
+
+def decode_chunk(tasks: list[DecodeTask]) -> list:
+    return [decode_sample(t) for t in tasks]
+
+
+def prefetched(pool, tasks: Iterator[DecodeTask], prefetch: int, chunk: int) -> Iterator:
+    """`decode_sample` over `tasks` in order, in `pool`, with at most about `prefetch` samples submitted
+    ahead of the consumer (chunks of `chunk` tasks). `pool.imap` would not do: it reads its whole input
+    and keeps every result until it is consumed, so when training is slower than decoding (the usual
+    case) decoded images pile up in memory without bound."""
+    pending: collections.deque = collections.deque()
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) * chunk < prefetch:
+            block = list(itertools.islice(tasks, chunk))
+            exhausted = len(block) < chunk
+            if block:
+                pending.append(pool.apply_async(decode_chunk, (block,)))
+        if not pending:
+            return
+        yield from pending.popleft().get()
 
 
 class CaptionTokenizer:
@@ -185,7 +226,8 @@ class CaptionPipeline:
             return map(decode_sample, self._tasks())
         ctx = multiprocessing.get_context("spawn")
         self._pool = ctx.Pool(self.num_workers)
-        return self._pool.imap(decode_sample, self._tasks(), chunksize=max(1, min(8, self.prefetch // 8)))
+        chunk = max(1, min(8, self.prefetch // (2 * self.num_workers)))
+        return prefetched(self._pool, self._tasks(), self.prefetch, chunk)
 
     def _count(self, reason: str, key: str, detail: str) -> None:
         self._state.skipped[reason] = self._state.skipped.get(reason, 0) + 1
@@ -205,6 +247,11 @@ class CaptionPipeline:
 
     def next_sample(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         """(sample key, pixels, tokens with image slots, weighted positions) of the next usable sample."""
+        key, pixels, tokens, weighted = self._next_usable()
+        return key, image_ops.clip_normalize(pixels), tokens, weighted
+
+    def _next_usable(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """next_sample with uint8 pixels (batches normalise them straight into their pixel rows)."""
         if self._results is None:
             self._results = self._decoded()
         while True:
@@ -234,17 +281,21 @@ class CaptionPipeline:
         tokens = np.full((rows, t), self.pad_id, np.int64)
         weighted = np.zeros((rows, t), bool)
         segment_ids = np.zeros((rows, t), np.int32)
-        pixels = np.zeros((self.image_budget, self.image_size, self.image_size, 3), np.float32)
+        # np.empty: every row is written below (an image or zeros); np.zeros would make the kernel zero
+        # fresh pages for each batch first.
+        pixels = np.empty((self.image_budget, self.image_size, self.image_size, 3), np.float32)
         images = []
         for r in range(rows):
-            _, px, tok, w = self.next_sample()
+            _, px, tok, w = self._next_usable()
             tokens[r, :len(tok)], weighted[r, :len(tok)], segment_ids[r, :len(tok)] = tok, w, 1
             images.append(px)
         index, pixel_row = plan_micro_batched_slots(tokens, np.ones(rows, np.int64),
                                                     tokens_per_image=self.tokens_per_image,
                                                     image_budget=self.image_budget,
                                                     num_micro_batches=self.micro_batches)
-        pixels[pixel_row] = np.stack(images)
+        for image, row in zip(images, pixel_row):  # normalised in place: no temporary per image
+            image_ops.clip_normalize(image, out=pixels[row])
+        pixels[np.setdiff1d(np.arange(self.image_budget), pixel_row)] = 0.0  # unused image slots
         # Visual tokens are numbered over the global micro-batch: this process's images follow those of
         # the processes before it (see plan_micro_batched_slots and the train step).
         offset = self._state.process_index * (self.image_budget // self.micro_batches) * self.tokens_per_image

@@ -69,14 +69,27 @@ def make_conversation(turns: Sequence[tuple[str, str] | Turn], images: Sequence[
     return conv
 
 
+def check_system_prompt(system: str) -> None:
+    """Raise BadRecord unless `system` can open a rendered conversation."""
+    if not isinstance(system, str):
+        raise BadRecord("system prompt is not a string")
+    if IMAGE_TAG in system:
+        raise BadRecord("<image> in the system prompt")
+    if any(m in system for m in _MARKERS) or system.startswith("Human: "):
+        raise BadRecord("system prompt contains a role marker")
+
+
+def with_system_prompt(conv: Conversation, system: str | None) -> Conversation:
+    """`conv` with the configured system prompt in place of the default one (None: keep). A record that
+    brought its own system message (ShareGPT "system" turn) keeps it: it is part of the data."""
+    if system is None or conv.system != SYSTEM_PROMPT:
+        return conv
+    return dataclasses.replace(conv, system=system)
+
+
 def validate(conv: Conversation) -> None:
     """Raise BadRecord unless `conv` can be rendered and trained on (see the module docstring)."""
-    if not isinstance(conv.system, str):
-        raise BadRecord("system prompt is not a string")
-    if IMAGE_TAG in conv.system:
-        raise BadRecord("<image> in the system prompt")
-    if any(m in conv.system for m in _MARKERS) or conv.system.startswith("Human: "):
-        raise BadRecord("system prompt contains a role marker")
+    check_system_prompt(conv.system)
     if not all(isinstance(i, str) and i for i in conv.images):
         raise BadRecord("image references must be non-empty strings")
     if not conv.turns:

@@ -2,7 +2,8 @@
 
 Sources (`InstructionSource`) are json files (one list of records) or jsonl files (one record per line)
 in one of the formats of `conversation.READERS` (official, llava, alpaca, sharegpt, baize, ...). Image
-references are file paths, relative ones resolved against the source's `image_root`.
+references are file paths, relative ones resolved against the source's `image_root`, or members of tar
+shards written by `make_shards` (`images-00000.tar/000000012.jpg`, see `image_refs`).
 
 Mixture and order (a pure function of the seed, the sources' sizes and their weights)
 ------------------------------------------------------------------------------------
@@ -89,7 +90,8 @@ import numpy as np
 
 from data_pipelines import images as image_ops
 from data_pipelines.captions import DataError
-from data_pipelines.conversation import READERS, BadRecord, read_record
+from data_pipelines.conversation import READERS, BadRecord, check_system_prompt, read_record, with_system_prompt
+from data_pipelines.image_refs import image_exists, read_image_bytes
 from data_pipelines.packing import pack_batch, pad_batch
 from data_pipelines.tokenize import to_training_sample
 
@@ -203,8 +205,7 @@ def decode_images(task: ImageTask) -> list[np.ndarray]:
     out = []
     for k, path in enumerate(task.paths):
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_image_bytes(path)
         except (FileNotFoundError, NotADirectoryError):
             raise image_ops.BadSample("missing_image", path) from None
         except OSError as e:
@@ -273,7 +274,8 @@ class InstructionPipeline:
                  image_budget: int, image_size: int, tokens_per_image: int, seed: int = 0, train: bool = True,
                  packing: bool = False, process_index: int = 0, num_processes: int = 1, micro_batches: int = 1,
                  max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
-                 state: dict | None = None, epochs: Optional[int] = None, hflip: bool = True):
+                 state: dict | None = None, epochs: Optional[int] = None, hflip: bool = True,
+                 system_prompt: Optional[str] = None):
         self.sources = list(sources)
         if not self.sources:
             raise DataError("no instruction sources")
@@ -297,6 +299,12 @@ class InstructionPipeline:
         self.image_size, self.tokens_per_image, self.micro_batches = image_size, tokens_per_image, micro_batches
         self.seed, self.train, self.packing, self.epochs = seed, train, packing, epochs
         self.hflip = hflip
+        if system_prompt is not None:
+            try:
+                check_system_prompt(system_prompt)
+            except BadRecord as e:
+                raise DataError(f"system_prompt {system_prompt!r}: {e.reason}") from None
+        self.system_prompt = system_prompt
         self.max_skip_fraction, self.max_pixels = max_skip_fraction, max_pixels
         self.images_per_micro_batch = image_budget // micro_batches
         self.max_carry = rows
@@ -394,8 +402,8 @@ class InstructionPipeline:
         if isinstance(rec, _Malformed):
             raise image_ops.BadSample("malformed_json", rec.detail)
         try:
-            sample = to_training_sample(read_record(rec, src.format), self.tokenizer, self.seq_len,
-                                        self.tokens_per_image)
+            sample = to_training_sample(with_system_prompt(read_record(rec, src.format), self.system_prompt),
+                                        self.tokenizer, self.seq_len, self.tokens_per_image)
         except BadRecord as e:
             raise image_ops.BadSample(reason_key(e.reason), e.reason) from None
         if sample.num_images > self.images_per_micro_batch:
@@ -412,7 +420,7 @@ class InstructionPipeline:
             except image_ops.BadSample as e:
                 reasons[e.reason] += 1
                 continue
-            if all(os.path.isfile(src.resolve(p)) for p in sample.images):
+            if all(image_exists(src.resolve(p)) for p in sample.images):
                 return
             reasons["missing_image"] += 1
         raise DataError(f"instruction source {src.name!r} ({src.path}) has no usable record among "

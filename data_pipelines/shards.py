@@ -7,7 +7,8 @@ pure function of (seed, epoch, position): shuffling, exact resume and sharding a
 streaming buffers.
 
 Sources: local paths, brace patterns (`laion-{00000..09999}.tar`), fsspec URLs (`gs://`, `s3://`, ...:
-fetched to a local cache file once) and `pipe:` commands (their stdout is the tar). A truncated tar keeps
+fetched to a local cache file once), `pipe:` commands (their stdout is the tar) and prepared TFDS
+datasets (`tfds:...`, virtual shards of records; see `tfds_source`). A truncated tar keeps
 the samples before the damage (and reports it); an unreadable shard is retried, then skipped.
 """
 
@@ -59,6 +60,10 @@ def expand_sources(patterns: Iterable[str] | str) -> list[str]:
         patterns = [patterns]
     out = []
     for pattern in patterns:
+        if pattern.startswith("tfds:"):  # a prepared TFDS dataset: virtual shards of its records
+            from data_pipelines import tfds_source
+            out.extend(tfds_source.expand(pattern))
+            continue
         out.extend(braceexpand.braceexpand(pattern))
     return out
 
@@ -144,6 +149,13 @@ def index_tar(source: str, local_path: str) -> ShardIndex:
 def open_shard(source: str, *, cache_dir: str | None = None, retries: int = 3,
                retry_delay: float = 0.5) -> ShardIndex:
     """Fetch (if remote) and index a shard, retrying transient failures; ShardError when it stays bad."""
+    if source.startswith("tfds:"):
+        from data_pipelines import tfds_source
+        try:
+            base, name, records = tfds_source.shard_records(source)
+        except tfds_source.TfdsSourceError as e:
+            raise ShardError(str(e)) from None
+        return ShardIndex(source, base, [SampleRef(base, f"{name}/{i}", (("tfds", i, 0),)) for i in records])
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "owl_jax_shards")
     os.makedirs(cache_dir, exist_ok=True)
     last: Exception | None = None

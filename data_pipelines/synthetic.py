@@ -15,6 +15,9 @@ From those pictures `make_world` writes, under one folder:
     pictures_{train,eval}.jsonl             attributes + geometry of every picture (ground truth)
     vqa_{train,eval}.json                   LLaVA-Instruct conversations about the pictures
     alpaca_train.json                       text-only instructions (Alpaca) about the world
+    reading_train.json                      text-only reading exercises (LLaVA json without images): the
+                                            VQA conversations about pictures that are described in words
+                                            where the image would be ("a large red circle on the left.")
     eval_vqa.jsonl                          held-out multiple-choice VQA: image, question, answer, choices, kind
     eval_captions.jsonl                     held-out captions: image, caption, reference description
     tokenizer.model                         a LLaMA-style SentencePiece BPE (byte fallback) trained on all text
@@ -60,7 +63,7 @@ from PIL import Image, ImageDraw
 from data_pipelines.conversation import SYSTEM_PROMPT
 from data_pipelines.writer import ShardWriter
 
-VERSION = 1  # bump when the generated content changes: invalidates existing worlds
+VERSION = 2  # bump when the generated content changes: invalidates existing worlds
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 45, 45),
@@ -356,6 +359,17 @@ _SIDES = (("How many sides does a triangle have?", "three."), ("How many sides d
           ("How many arms does a cross have?", "four."))
 
 
+def reading_conversation(picture: Picture, rng: random.Random, multi_turn_fraction: float, uid: str) -> dict:
+    """A text-only LLaVA record: the picture's description in words, then VQA turns about it. Reading
+    comprehension is what lets a frozen LLM use visual tokens at all: stage 1 only has to teach the
+    vision side to "say" the picture in a form the LLM already knows how to answer questions about."""
+    record = conversation(picture, rng, multi_turn_fraction, uid)
+    first = record["conversations"][0]
+    first["value"] = first["value"].replace("<image>", f"{describe(picture)}.", 1)
+    del record["image"]
+    return record
+
+
 def _instr_mix(rng):
     (a, b), c = rng.choice(list(_MIXES.items()))
     if rng.random() < 0.5:
@@ -459,7 +473,7 @@ class _ReproducibleShardWriter(ShardWriter):
 
 _MARKER = ".owl_synthetic_world"
 _OWNED = ("images", "captions", "pictures_train.jsonl", "pictures_eval.jsonl", "vqa_train.json",
-          "vqa_eval.json", "alpaca_train.json", "eval_vqa.jsonl", "eval_captions.jsonl", "tokenizer.model",
+          "vqa_eval.json", "alpaca_train.json", "reading_train.json", "eval_vqa.jsonl", "eval_captions.jsonl", "tokenizer.model",
           "manifest.json")
 
 
@@ -511,7 +525,8 @@ def _load_existing(root: Path, params: dict) -> Optional[dict]:
 
 def make_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train_pictures: int = 2000,
                num_eval_pictures: int = 200, image_size: int = 64, two_shape_fraction: float = 0.15,
-               multi_turn_fraction: float = 0.4, num_text_instructions: int = 1000, vocab_size: int = 512,
+               multi_turn_fraction: float = 0.4, num_text_instructions: int = 1000,
+               num_reading_conversations: int = 2000, vocab_size: int = 512,
                samples_per_shard: int = 500, force: bool = False) -> dict:
     """Generate the demo world under `out_dir` (or reuse the one there made with the same parameters)
     and return its manifest with absolute paths:
@@ -529,7 +544,8 @@ def make_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train_pictures:
     params = {"version": VERSION, "seed": seed, "num_train_pictures": num_train_pictures,
               "num_eval_pictures": num_eval_pictures, "image_size": image_size,
               "two_shape_fraction": two_shape_fraction, "multi_turn_fraction": multi_turn_fraction,
-              "num_text_instructions": num_text_instructions, "vocab_size": vocab_size,
+              "num_text_instructions": num_text_instructions,
+              "num_reading_conversations": num_reading_conversations, "vocab_size": vocab_size,
               "samples_per_shard": samples_per_shard}
     root = Path(out_dir).resolve()
     if not force:
@@ -609,6 +625,17 @@ def make_world(out_dir: str | os.PathLike, *, seed: int = 0, num_train_pictures:
     counts["alpaca_train"] = len(alpaca)
     counts["eval_vqa"] = len(eval_records)
 
+    reading = []
+    for i in range(num_reading_conversations):  # imaginary pictures of their own split: never rendered
+        pic = sample_picture(seed, "reading", i, image_size, two_shape_fraction)
+        rec = reading_conversation(pic, random.Random(f"{seed}/reading/{i}/text"), multi_turn_fraction,
+                                   f"reading-{i:06d}")
+        reading.append(rec)
+        corpus += _conversation_lines(rec)
+    _write_json(root / "reading_train.json", reading)
+    paths["reading_train"] = "reading_train.json"
+    counts["reading_train"] = len(reading)
+
     corpus += [f"{k} {a}" for k, answers in CHOICES.items() for a in answers]  # every answer is in the text
     corpus.append("0 1 2 3 4 5 6 7 8 9 , . ; : ! ? ' \" ( ) - + = / " + " ".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     (root / "tokenizer.model").write_bytes(train_tokenizer([l for l in corpus if l.strip()], vocab_size))
@@ -640,6 +667,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--two-shape-fraction", type=float, default=0.15)
     p.add_argument("--multi-turn-fraction", type=float, default=0.4)
     p.add_argument("--text-instructions", type=int, default=1000)
+    p.add_argument("--reading-conversations", type=int, default=2000)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--samples-per-shard", type=int, default=500)
     p.add_argument("--force", action="store_true", help="regenerate even if an identical world exists")
@@ -648,6 +676,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world = make_world(a.out, seed=a.seed, num_train_pictures=a.train_pictures, num_eval_pictures=a.eval_pictures,
                        image_size=a.image_size, two_shape_fraction=a.two_shape_fraction,
                        multi_turn_fraction=a.multi_turn_fraction, num_text_instructions=a.text_instructions,
+                       num_reading_conversations=a.reading_conversations,
                        vocab_size=a.vocab_size, samples_per_shard=a.samples_per_shard, force=a.force)
     print(json.dumps(world, indent=1))
     print(f"{'reused' if world['reused'] else 'generated'} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)

@@ -37,7 +37,8 @@ from typing import Sequence
 
 import numpy as np
 
-from data_pipelines.conversation import AI, IMAGE_TAG, BadRecord, Conversation, parse_official_text, validate
+from data_pipelines.conversation import (AI, IMAGE_TAG, SYSTEM_PROMPT, BadRecord, Conversation, Turn,
+                                        make_conversation, parse_official_text, validate)
 from data_pipelines.tokenizers import Tokenizer
 
 IMAGE_ID = -1  # the official media token id of `<image>`; every slot of an image carries it
@@ -261,3 +262,28 @@ def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, s
     loss_mask[:-1] = is_answer[1:]
     kept = sum(1 for s in image_starts if s < end)
     return TrainingSample(tokens, targets, loss_mask, conv.images[:kept], truncated)
+
+
+def to_prompt(turns: Sequence[tuple[str, str] | Turn], tokenizer: Tokenizer, tokens_per_image: int, *,
+              images: Sequence[str] = (), system: str = SYSTEM_PROMPT) -> np.ndarray:
+    """Token ids (int32, `tokens_per_image` ids of -1 per image) of a conversation that ends with a human
+    turn, followed by the `AI: ` that opens the answer: what generation continues from.
+
+    The ids are exactly the first ids of `to_training_sample` of the same conversation with an answer
+    appended (same chunking, BOS, image slots), i.e. the context the model was trained to answer in.
+    The official `MplugOwlProcessor` splits prompts only at `<image>`, which gives other SentencePiece
+    ids around `\nHuman: ` / `AI: ` than its own training pipeline; we follow the training pipeline.
+    Raises BadRecord for a conversation that could not be trained on either (see `validate`).
+    """
+    conv = make_conversation([*turns, Turn(AI, "-")], images, system)
+    chunks = _conversation_chunks(conv)
+    assert chunks[-1] == ("answer", "-"), chunks[-1]
+    ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
+    for kind, text in chunks[:-1]:
+        if kind == "image":
+            if ids and ids[-1] < 0:
+                raise BadRecord("two <image> slots with no token between them")
+            ids += [IMAGE_ID] * tokens_per_image
+        else:
+            ids += tokenizer.encode(text)
+    return np.asarray(ids, np.int32)

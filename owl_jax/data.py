@@ -48,7 +48,7 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
         srcs = [InstructionSource(s.name or s.path, s.path, s.format, weight=s.weight or None, image_root=s.image_root)
                 for s in sources]
         return InstructionPipeline(srcs, image_budget=budget, train=train and data.augment, hflip=data.hflip,
-                                   packing=data.packing, **common)
+                                   packing=data.packing, system_prompt=data.system_prompt, **common)
     raise ConfigError(f"data.kind {data.kind!r} is not one of captions, instructions, text")
 
 

@@ -1,19 +1,34 @@
-"""Evaluation without exporting: multiple-choice VQA and caption matching scored by likelihood.
+"""Evaluation without exporting: VQA (multiple choice or generated answers), caption matching, caption
+perplexity, and OwlEval-format answers.
 
 `python -m owl_jax.evaluate --checkpoint RUN_DIR --task vqa --questions eval.jsonl --image-root DIR`
 
-Each question (`{"image", "question", "answer", "choices", "kind"}`) is asked in the official conversation
-template; every candidate answer is scored by its mean token negative log-likelihood under the model and
-the best one is the prediction. Accuracy is reported per `kind` next to chance (1 / number of choices).
-Scoring rather than free generation keeps the metric exact for short answers and cheap on a CPU.
+`--checkpoint` is a training run or a Hugging Face directory (see `owl_jax.loading`).
+
+- `--task vqa` (`{"image", "question", "answer", "choices", "kind"}`): each question is asked in the official
+  conversation template. `--vqa-mode choice` (default) scores every candidate answer by its mean token
+  negative log-likelihood and predicts the best one; accuracy per `kind` next to chance (1 / number of
+  choices). Scoring keeps the metric exact for short answers and cheap on a CPU. `--vqa-mode generate`
+  generates a short answer (greedy by default) and reports exact-match accuracy after normalisation
+  (lower case, punctuation and extra spaces removed).
+- `--task captions` (`{"image", "caption", "description"}`): pick each picture's caption among 5.
+- `--task caption_ppl --shards PATTERN ...` (default `data.eval_paths`): perplexity of held-out captions,
+  read by the caption pipeline in eval mode (no augmentation, no shuffling) with the run's caption
+  template; per caption token and EOS, as the training loss counts them.
+- `--task owleval --questions questions.jsonl --out answers.jsonl`: OwlEval format. Questions on the same
+  image form one dialogue, answered in `question_id` order with the earlier questions and answers as
+  history; writes `{"image", "question_id", "question", "answer", "model_id"}` per question, in input order.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
+import math
 import os
+import re
 import sys
 from typing import Sequence
 
@@ -34,7 +49,8 @@ def _choice_batch(cfg: Config, tokenizer, question: str, choices: Sequence[str],
     samples = []
     for choice in choices:
         turns = ([("human", "<image>")] if pixels is not None else []) + [("human", question), ("ai", choice)]
-        conv = make_conversation(turns, images=["image"] if pixels is not None else [], system=SYSTEM_PROMPT)
+        system = SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt
+        conv = make_conversation(turns, images=["image"] if pixels is not None else [], system=system)
         samples.append(to_training_sample(conv, tokenizer, cfg.data.seq_len, tpi, images=conv.images))
     packed = pad_batch(samples, cfg.data.seq_len, pad_id=tokenizer.pad_id)
     batch = {k: np.asarray(v) for k, v in packed.arrays.items()}
@@ -124,34 +140,229 @@ def caption_matching_accuracy(cfg: Config, model, tokenizer, records: list[dict]
     return {"captions": {"accuracy": correct / len(records), "chance": 1.0 / num_choices, "count": len(records)}}
 
 
-def load_model_for_eval(checkpoint: str):
-    """(config, model, tokenizer) from a training run directory (latest step) or one step directory."""
-    from data_pipelines.tokenizers import load_tokenizer
-    from owl_jax.checkpoint import load_run
-    cfg, model = load_run(checkpoint)
-    return cfg, model, load_tokenizer(cfg.data.tokenizer)
+def _generator(cfg: Config, model, tokenizer, generator=None):
+    from owl_jax.generate import Generator
+    return generator or Generator(model, tokenizer, tokens_per_image=cfg.model.tokens_per_image,
+                                  image_size=cfg.model.vision.image_size)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, spaces collapsed: "On the left." == "on the left"."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def generated_answer_accuracy(cfg: Config, model, tokenizer, questions: list[dict], image_root: str, *,
+                              settings=None, batch_size: int = 8, generator=None) -> dict:
+    """Exact-match accuracy of generated short answers (greedy, 16 new tokens unless `settings` say
+    otherwise), per `kind` like `multiple_choice_accuracy`; chance is 1 / number of choices when the
+    records carry choices (0 otherwise)."""
+    from owl_jax.chat import ChatSession, read_image
+    from owl_jax.generate import GenerationSettings
+    settings = settings or GenerationSettings(max_new_tokens=16)
+    generator = _generator(cfg, model, tokenizer, generator)
+    correct, chance, count = collections.Counter(), collections.Counter(), collections.Counter()
+    for start in range(0, len(questions), batch_size):
+        group = questions[start:start + batch_size]
+        sessions = [ChatSession.for_config(cfg, tokenizer) for _ in group]
+        for q, session in zip(group, sessions):
+            if q.get("image"):
+                session.add_image(read_image(os.path.join(image_root, q["image"]), cfg.model.vision.image_size))
+        prompts = [s.prompt(q["question"], max_new_tokens=settings.max_new_tokens) for q, s in zip(group, sessions)]
+        for q, session, gen in zip(group, sessions, generator.generate(prompts, settings)):
+            answer = session.record(q["question"], gen.text)
+            kind = q.get("kind", "all")
+            for k in (kind, "all") if kind != "all" else ("all",):
+                correct[k] += int(normalize_answer(answer) == normalize_answer(q["answer"]))
+                chance[k] += 1.0 / len(q["choices"]) if q.get("choices") else 0.0
+                count[k] += 1
+    return {k: {"accuracy": correct[k] / count[k], "chance": chance[k] / count[k], "count": count[k]}
+            for k in count}
+
+
+def _natural_key(value) -> tuple:
+    """Sort key for question ids: 2 < 10, "3-2" < "3-10", numbers and strings mixed."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", str(value)) if p)
+
+
+def owleval_answers(cfg: Config, model, tokenizer, questions: list[dict], image_root: str, *, settings=None,
+                    model_id: str = "owl-jax", batch_size: int = 8, generator=None) -> list[dict]:
+    """Answers in the OwlEval format (see the module docstring). Dialogues are answered round by round,
+    the r-th question of up to `batch_size` dialogues per generation batch."""
+    from owl_jax.chat import DEFAULT_STOP, ChatSession, read_image
+    from owl_jax.generate import GenerationSettings
+    settings = settings or GenerationSettings(max_new_tokens=512, stop_strings=DEFAULT_STOP)
+    generator = _generator(cfg, model, tokenizer, generator)
+    for i, q in enumerate(questions):
+        missing = [k for k in ("question_id", "question") if k not in q]
+        if missing:
+            raise ValueError(f"question {i} lacks {', '.join(missing)} (OwlEval format: image, question_id, question)")
+    dialogues: dict[str, list[dict]] = collections.defaultdict(list)
+    for q in questions:
+        dialogues[q.get("image") or ""].append(q)
+    sessions = {}
+    for image, qs in dialogues.items():
+        qs.sort(key=lambda q: _natural_key(q["question_id"]))
+        sessions[image] = ChatSession.for_config(cfg, tokenizer)
+        if image:
+            sessions[image].add_image(read_image(os.path.join(image_root, image), cfg.model.vision.image_size))
+    answers: dict[int, str] = {}
+    for r in range(max((len(qs) for qs in dialogues.values()), default=0)):
+        active = [(image, qs[r]) for image, qs in dialogues.items() if len(qs) > r]
+        for start in range(0, len(active), batch_size):
+            group = active[start:start + batch_size]
+            prompts = [sessions[image].prompt(q["question"], max_new_tokens=settings.max_new_tokens)
+                       for image, q in group]
+            for (image, q), gen in zip(group, generator.generate(prompts, settings)):
+                answers[id(q)] = sessions[image].record(q["question"], gen.text)
+    return [{"image": q.get("image"), "question_id": q["question_id"], "question": q["question"],
+             "answer": answers[id(q)], "model_id": model_id} for q in questions]
+
+
+def _row_sums_fn(graphdef):
+    @jax.jit
+    def sums(state, batch):
+        from owl_jax.loss import token_nll
+        model = nnx.merge(graphdef, state)
+        hidden = model(batch["tokens"], pixel_values=batch["pixel_values"], image_index=batch["image_index"])
+        nll = token_nll(hidden, model.language_model.output_kernel(), batch["targets"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return (nll * mask).sum(-1), mask.sum(-1)
+    return sums
+
+
+def caption_perplexity(cfg: Config, model, tokenizer, shards: Sequence[str], *, batch_size: int = 8,
+                       limit: int = 0) -> dict:
+    """{"perplexity", "nll" (mean per token), "tokens", "samples"} of the captions in `shards`, one pass,
+    batches of `batch_size` (the last one filled with rows that count nothing, so one compile)."""
+    from data_pipelines.captions import CaptionPipeline
+    from owl_jax.models.splice import plan_image_slots
+    tpi, t, size = cfg.model.tokens_per_image, cfg.data.seq_len, cfg.model.vision.image_size
+    pipeline = CaptionPipeline(list(shards), tokenizer=tokenizer, seq_len=t, rows=1, image_budget=1, image_size=size,
+                               tokens_per_image=tpi, template=cfg.data.caption_template, shuffle=False,
+                               train=False, num_workers=0, epochs=1)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    sums_fn = _row_sums_fn(graphdef)
+    total, tokens_counted, samples, exhausted = 0.0, 0.0, 0, False
+    try:
+        while not exhausted and not (limit and samples >= limit):
+            tokens = np.full((batch_size, t), tokenizer.pad_id, np.int64)
+            tokens[:, 0] = 0  # filler rows: one text token, no image, nothing counted
+            weighted = np.zeros((batch_size, t), bool)
+            pixels = np.zeros((batch_size, size, size, 3), np.float32)
+            images = np.zeros(batch_size, np.int64)
+            n = 0
+            while n < batch_size and not (limit and samples + n >= limit):
+                try:
+                    _, px, tok, w = pipeline.next_sample()
+                except StopIteration:
+                    exhausted = True
+                    break
+                tokens[n], weighted[n] = tokenizer.pad_id, False
+                tokens[n, :len(tok)], weighted[n, :len(tok)], pixels[n], images[n] = tok, w, px, 1
+                n += 1
+            if not n:
+                break
+            batch = {"tokens": tokens.astype(np.int32),
+                     "targets": np.maximum(np.concatenate([tokens[:, 1:], np.zeros((batch_size, 1), np.int64)], 1),
+                                           0).astype(np.int32),
+                     "loss_mask": np.concatenate([weighted[:, 1:], np.zeros((batch_size, 1), bool)], 1),
+                     "pixel_values": pixels,
+                     "image_index": plan_image_slots(tokens, images, tokens_per_image=tpi, image_budget=batch_size)}
+            nll, count = sums_fn(state, batch)
+            total += float(np.sum(nll))
+            tokens_counted += float(np.sum(count))
+            samples += n
+    finally:
+        pipeline.close()
+    if not samples:
+        raise ValueError(f"no captions in {list(shards)}")
+    mean = total / max(tokens_counted, 1.0)
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": int(tokens_counted), "samples": samples}
+
+
+def load_model_for_eval(checkpoint: str, **kwargs):
+    """(config, model, tokenizer) from a training run directory (latest step), one step directory or a
+    Hugging Face directory; keyword arguments go to `owl_jax.loading.load_for_inference`."""
+    from owl_jax.loading import load_for_inference
+    loaded = load_for_inference(checkpoint, **kwargs)
+    return loaded.config, loaded.model, loaded.tokenizer
+
+
+def _read_jsonl(path: str, limit: int) -> list[dict]:
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records[:limit] if limit else records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from owl_jax.generate import add_generation_arguments, add_model_arguments
     parser = argparse.ArgumentParser(prog="python -m owl_jax.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="training run directory (or a step directory)")
-    parser.add_argument("--task", choices=["vqa", "captions"], default="vqa")
-    parser.add_argument("--questions", required=True,
-                        help="jsonl: vqa {image, question, answer, choices, kind}; captions {image, caption}")
+    add_model_arguments(parser)
+    parser.add_argument("--task", choices=["vqa", "captions", "caption_ppl", "owleval"], default="vqa")
+    parser.add_argument("--questions",
+                        help="jsonl: vqa {image, question, answer, choices, kind}; captions {image, caption}; "
+                             "owleval {image, question_id, question}")
+    parser.add_argument("--vqa-mode", choices=["choice", "generate"], default="choice",
+                        help="vqa: score the choices (default) or generate an answer (exact match)")
+    parser.add_argument("--shards", nargs="+", help="caption_ppl: caption shards (default: the run's data.eval_paths)")
+    parser.add_argument("--out", help="owleval: answers jsonl to write")
+    parser.add_argument("--model-id", help="owleval: model_id of the answers (default: the checkpoint's name)")
     parser.add_argument("--image-root", default="")
     parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    add_generation_arguments(parser, max_new_tokens=0)
     args = parser.parse_args(argv)
-    cfg, model, tokenizer = load_model_for_eval(args.checkpoint)
-    with open(args.questions) as f:
-        questions = [json.loads(line) for line in f if line.strip()]
-    if args.limit:
-        questions = questions[:args.limit]
-    if args.task == "vqa":
-        results = multiple_choice_accuracy(cfg, model, tokenizer, questions, args.image_root)
+    from data_pipelines.captions import DataError
+    from owl_jax.loading import LoadError
+    try:
+        return _run(args, parser)
+    except (LoadError, DataError, FileNotFoundError, ValueError) as e:  # user mistakes: one line, exit 2
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+def _run(args, parser: argparse.ArgumentParser) -> int:
+    from owl_jax.generate import settings_from_args
+    if args.task != "caption_ppl" and not args.questions:
+        parser.error(f"--task {args.task} needs --questions")
+    if args.task == "owleval" and not args.out:
+        parser.error("--task owleval needs --out")
+    cfg, model, tokenizer = load_model_for_eval(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
+                                                merge_lora=args.merge_lora)
+    if args.system_prompt is not None:
+        cfg.data.system_prompt = args.system_prompt
+    settings = settings_from_args(args)
+    default_new = {"owleval": 512, "vqa": 16}.get(args.task, 0)
+    settings = dataclasses.replace(settings, max_new_tokens=args.max_new_tokens or default_new)
+    if args.task == "caption_ppl":
+        shards = args.shards or cfg.data.eval_paths
+        if not shards:
+            raise ValueError("--task caption_ppl needs --shards (the run has no data.eval_paths)")
+        r = caption_perplexity(cfg, model, tokenizer, shards, batch_size=args.batch_size, limit=args.limit)
+        print(f"caption perplexity {r['perplexity']:.3f} (mean NLL {r['nll']:.4f} over {r['tokens']} tokens of "
+              f"{r['samples']} captions)")
+        return 0
+    questions = _read_jsonl(args.questions, args.limit)
+    if args.task == "owleval":
+        model_id = args.model_id or os.path.basename(os.path.normpath(args.checkpoint))
+        answers = owleval_answers(cfg, model, tokenizer, questions, args.image_root, settings=settings,
+                                  model_id=model_id, batch_size=args.batch_size)
+        with open(args.out, "w") as f:
+            for a in answers:
+                f.write(json.dumps(a, ensure_ascii=False) + "\n")
+        print(f"wrote {len(answers)} answers to {args.out}")
+        return 0
+    if args.task == "vqa" and args.vqa_mode == "generate":
+        results = generated_answer_accuracy(cfg, model, tokenizer, questions, args.image_root, settings=settings,
+                                            batch_size=args.batch_size)
+        label = "exact match"
+    elif args.task == "vqa":
+        results, label = multiple_choice_accuracy(cfg, model, tokenizer, questions, args.image_root), "accuracy"
     else:
-        results = caption_matching_accuracy(cfg, model, tokenizer, questions, args.image_root)
+        results, label = caption_matching_accuracy(cfg, model, tokenizer, questions, args.image_root), "accuracy"
     for kind, r in sorted(results.items()):
-        print(f"{kind:>10}: accuracy {100 * r['accuracy']:5.1f}%  (chance {100 * r['chance']:4.1f}%, "
+        print(f"{kind:>10}: {label} {100 * r['accuracy']:5.1f}%  (chance {100 * r['chance']:4.1f}%, "
               f"{r['count']} questions)")
     return 0
 

@@ -71,31 +71,17 @@ def evaluate(cfg: Config, trainer, tokenizer, mesh, keys) -> dict[str, float]:
     """Token-mean loss over `training.eval_batches` batches of the held-out split (deterministic)."""
     from owl_jax.data import batches, make_pipeline
     pipeline = make_pipeline(cfg, tokenizer, split="eval")
-    eval_step = _eval_step(trainer)
     total = count = 0.0
     try:
         for i, batch in enumerate(batches(pipeline, mesh, keys)):
             if i >= cfg.training.eval_batches:
                 break
-            s, c = jax.device_get(eval_step(trainer.state, batch))
+            s, c = jax.device_get(trainer.eval_terms(batch))
             total, count = total + float(s), count + float(c)
     finally:
         if hasattr(pipeline, "close"):
             pipeline.close()
     return {"loss": total / max(count, 1.0), "tokens": count}
-
-
-def _eval_step(trainer):
-    if not hasattr(trainer, "_eval_fn"):
-        graphdef = trainer.graphdef
-
-        def fn(state, batch):
-            model = nnx.merge(graphdef, state).model
-            model.eval()
-            return model.loss_terms(batch)
-
-        trainer._eval_fn = jax.jit(fn)
-    return trainer._eval_fn
 
 
 def run(cfg: Config) -> dict:
@@ -125,8 +111,9 @@ def run(cfg: Config) -> dict:
     trainer = create_trainer(cfg, mesh, batch_example=example)
     model = trainer.model()
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    trainable_paths = set(trainer.trainable)
     trainable = sum(int(np.prod(x.shape)) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
-                    if ".".join(map(str, p)) in set(trainer.trainable))
+                    if ".".join(map(str, p)) in trainable_paths)
     _print(f"parameters: {total:,} total, {trainable:,} trainable ({cfg.training.stage})")
 
     # The tokenizer file(s) travel with every checkpoint (built-in tokenizers like `toy:512` have none).

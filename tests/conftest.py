@@ -20,3 +20,13 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return FIXTURES / "mplug_owl_v1_tiny"
+
+
+@pytest.fixture(scope="session")
+def official(golden_dir):
+    """(config, checkpoint directory, tensors) of the official tiny mPLUG-Owl checkpoint."""
+    from owl_jax.convert.io import load_tensors
+    from owl_jax.convert.mplug_owl import read_official_config
+
+    directory = golden_dir / "mplug_owl_tiny"
+    return read_official_config(directory), directory, load_tensors(directory / "model.safetensors")

@@ -21,31 +21,14 @@ from owl_jax.convert.io import SafetensorsFile, WeightFileError, load_tensors, s
 from owl_jax.convert.keymap import CheckpointMismatchError, params_to_tensors, tensors_to_params
 from owl_jax.convert.llama import IGNORED_BUFFERS
 from owl_jax.convert.mplug_owl import (load_hf_llama, load_official, load_peft_lora, official_rules,
-                                       read_official_config, text_config_from_hf)
+                                       text_config_from_hf)
 from owl_jax.convert.state import StateMismatchError, canonical_params
 from owl_jax.models.owl import build_model
+from helpers import assert_same_tensors, same_bits
 
 # The importers raise either error class depending on the stage that notices the mismatch (checkpoint
 # keys vs model parameters); both are ValueErrors.
 MISMATCH = (CheckpointMismatchError, StateMismatchError)
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def assert_same_tensors(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    bad = [k for k in want if not same_bits(got[k], want[k])]
-    assert not bad, f"tensors differ: {bad[:10]}"
-
-
-@pytest.fixture(scope="module")
-def official(golden_dir):
-    """(config, checkpoint directory, tensors) of the official tiny mPLUG-Owl checkpoint."""
-    directory = golden_dir / "mplug_owl_tiny"
-    return read_official_config(directory), directory, load_tensors(directory / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from owl_jax.train import run
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return make_world(str(tmp_path_factory.mktemp("world")), num_train_pictures=40, num_eval_pictures=8,
-                      num_text_instructions=40, samples_per_shard=20)
+                      num_text_instructions=40, num_reading_conversations=40, samples_per_shard=20)
 
 
 def stage_config(name, world, runs, **extra):
@@ -27,7 +27,7 @@ def stage_config(name, world, runs, **extra):
                  "training.eval_every=0", "mesh.fsdp=-1"]
     if name == "lm":
         overrides.append(f"data.sources=[{{name: t, path: '{world['alpaca_train']}', format: alpaca}}, "
-                         f"{{name: v, path: '{world['vqa_train']}', format: llava, image_root: '{world['image_root']}'}}]")
+                         f"{{name: r, path: '{world['reading_train']}', format: llava}}]")
     elif name == "stage1":
         overrides += [f"data.train_paths=['{world['captions_train']}']", f"init.from_checkpoint={runs}/lm"]
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from owl_jax.convert.mplug_owl import (load_hf_clip_vision, load_hf_llama, text_
                                        vision_config_from_hf)
 from owl_jax.models.llama import rope_inv_freq  # noqa: E402
 from owl_jax.models.owl import build_model  # noqa: E402
+from helpers import max_err, randomize_  # noqa: E402
 
 ATOL = 1e-4
 SEQ_LEN, BATCH = 24, 2
@@ -42,29 +42,6 @@ TINY_VISION = VisionConfig(hidden_size=64, intermediate_size=256, num_layers=2, 
 TINY_ABSTRACTOR = AbstractorConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96, num_queries=8)
 LLAMA_BASE = dict(vocab_size=512, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw every parameter so that no value is at a trivial init (ones, zeros, tiny stds)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(shape):
-        return torch.randn(shape, generator=g, dtype=torch.float32)
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # tied parameters are listed once
-            if name.endswith("bias"):
-                p.copy_(0.1 * randn(p.shape))
-            elif p.ndim == 1 and "norm" in name:  # LayerNorm / RMSNorm scales
-                p.copy_(1.0 + 0.2 * randn(p.shape))
-            elif p.ndim == 1 or "embedding" in name or "embed_tokens" in name:  # CLS, positions, tokens
-                p.copy_(0.5 * randn(p.shape))
-            else:  # Linear (out, in) and the patch conv (D, C, p, p)
-                p.copy_(randn(p.shape) / math.sqrt(math.prod(p.shape[1:])))
-
-
-def max_err(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 @nnx.jit

@@ -295,3 +295,28 @@ def test_micro_batched_image_layout(data):
         for name, row in zip(names, pixel_row):
             np.testing.assert_allclose(batch["pixel_values"][row, 0, 0], clip(data["colours"][name]), atol=0.02)
         check_images(p, data, batch, micro_batches=2, offset=2 * TPI)
+
+
+@pytest.mark.parametrize("system", [None, "", "You describe pictures."])
+def test_configured_system_prompt_replaces_the_default_only(tmp_path, system):
+    from data_pipelines.conversation import SYSTEM_PROMPT
+    own = {"conversations": [{"from": "system", "value": "Own prompt."}, {"from": "human", "value": "q"},
+                             {"from": "gpt", "value": "a"}]}
+    src = InstructionSource("chat", write_json(tmp_path / "c.json", [sharegpt("q", "a"), own]), "sharegpt")
+    p = pipeline([src], rows=2, epochs=1, system_prompt=system)
+    batch = next(p)
+    for info in p.last_batch:
+        if info.record == 1:
+            prefix = "Own prompt.\nHuman: q"  # the record's own system message wins
+        elif system is None:
+            prefix = SYSTEM_PROMPT + "\nHuman: q"
+        else:
+            prefix = f"{system}\nHuman: q" if system else "Human: q"
+        want = [TOK.bos_id] + TOK.encode(prefix)
+        assert batch["tokens"][info.row][:len(want)].tolist() == want
+
+
+def test_system_prompt_with_a_role_marker_is_refused(tmp_path):
+    src = InstructionSource("chat", write_json(tmp_path / "c.json", [sharegpt("q", "a")]), "sharegpt")
+    with pytest.raises(DataError, match="role marker"):
+        pipeline([src], rows=2, epochs=1, system_prompt="Be nice.\nAI: ok")

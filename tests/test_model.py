@@ -303,3 +303,24 @@ def test_owl_llama7b_builds_abstractly_with_released_parameter_counts():
         counts[path[0]] = counts.get(path[0], 0) + int(np.prod(var.shape))
     assert counts == released_parameter_counts()
     assert counts["language_model"] == 6_738_415_616
+
+
+def test_sincos2d_position_table_encodes_the_patch_grid():
+    from owl_jax.models.vision import sincos2d_position_table
+    table = sincos2d_position_table(4, 16)
+    assert table.shape == (17, 16) and not table[0].any()  # CLS row is zero
+    rows = table[1:]
+    assert len({r.tobytes() for r in rows}) == 16  # every patch position distinct
+    # row-major: patch (y, x) = (1, 2) has x-sines of 2 and y-sines of 1 at the lowest frequency (1.0)
+    np.testing.assert_allclose(rows[1 * 4 + 2][[0, 4, 8, 12]], [np.sin(2), np.cos(2), np.sin(1), np.cos(1)],
+                               rtol=1e-6)
+    cfg = tiny(vision=dataclasses.replace(TINY.vision, position_embedding_init="sincos2d"))
+    model = build_model(cfg, seed=0)
+    grid = cfg.vision.image_size // cfg.vision.patch_size
+    np.testing.assert_array_equal(np.asarray(model.vision_model.position_embedding[...]),
+                                  sincos2d_position_table(grid, cfg.vision.hidden_size))
+    normal = build_model(tiny(vision=dataclasses.replace(TINY.vision, position_embedding_init="normal")), seed=0)
+    assert float(np.abs(np.asarray(normal.vision_model.position_embedding[...])).max()) < 0.2
+    # only the position table differs between the two inits: the random key sequence is kept
+    p1, p2 = canonical_params(model), canonical_params(normal)
+    assert [k for k in p1 if not np.array_equal(p1[k], p2[k])] == ["vision_model.position_embedding"]

@@ -16,7 +16,7 @@ from data_pipelines.conversation import IMAGE_TAG, read_record, render
 from data_pipelines.shards import expand_sources, open_shard
 from data_pipelines.tokenizers import SentencePieceTokenizer, load_tokenizer
 
-SMALL = dict(num_train_pictures=40, num_eval_pictures=20, num_text_instructions=60)
+SMALL = dict(num_train_pictures=40, num_eval_pictures=20, num_text_instructions=60, num_reading_conversations=30)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -252,3 +252,18 @@ def test_manifest_counts_and_chance(world):
     assert world["counts"]["alpaca_train"] == SMALL["num_text_instructions"]
     for key in ("vqa_train", "vqa_eval", "alpaca_train", "eval_vqa", "eval_captions", "tokenizer"):
         assert os.path.isabs(world[key]) and Path(world[key]).is_file()
+
+
+def test_reading_records_describe_an_imaginary_picture_in_words(world):
+    records = json.loads(Path(world["reading_train"]).read_text())
+    assert len(records) == world["counts"]["reading_train"] > 0
+    for r in records:
+        conv = read_record(r, "llava")
+        assert conv.num_images == 0 and IMAGE_TAG not in render(conv)
+        description, question = conv.turns[0].text.split("\n", 1)
+        assert description.endswith(".") and question
+        answers = [t.text for t in conv.turns[1::2]]
+        # every answer about colour/shape/size/position can be read off the description
+        for a in answers:
+            words = [w for w in a.rstrip(".").split() if w in S.COLOURS or w in S.SHAPES or w in S.SIZES]
+            assert all(w in description for w in words), (description, a)

@@ -12,6 +12,7 @@ import numpy as np
 
 from owl_jax.config import VisionConfig
 from owl_jax.convert.keymap import CheckpointMismatchError, TensorRule, layer_norm, linear, reshape_to
+from owl_jax.convert.sources import DictSource, TensorSource, read_all
 
 TOWER = "vision_model"  # owl-jax path of the vision tower
 STACK = f"{TOWER}.layers.layers"
@@ -65,42 +66,90 @@ def split_qkv(fused: np.ndarray, num_heads: int) -> tuple[np.ndarray, np.ndarray
     return tuple(parts[:, j].reshape((d,) + rest) for j in range(3))
 
 
+class HFClipAsOfficial(TensorSource):
+    """A HF `CLIPVisionModel` source (keys with or without `vision_model.`) seen under the official
+    mPLUG-Owl vision keys, lazily: reading a fused `query_key_value` tensor reads and interleaves q/k/v,
+    anything else is a rename. Keys it does not know stay visible (without the prefix), so the importer
+    reports them as unexpected; the `position_ids` buffer is dropped."""
+
+    def __init__(self, source: TensorSource, cfg: VisionConfig):
+        self._source = source
+        self.name = source.name
+        self._cfg = cfg
+        keys = source.keys()
+        self._prefix = "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
+        # official key -> HF keys (without prefix) it is made of
+        self._parts: dict[str, tuple[str, ...]] = {
+            "embeddings.cls_token": ("embeddings.class_embedding",),
+            "embeddings.patch_embed.weight": ("embeddings.patch_embedding.weight",),
+            "embeddings.position_embedding": ("embeddings.position_embedding.weight",),
+        }
+        for old, new in (("pre_layrnorm", "embeddings.pre_layernorm"), ("post_layernorm", "post_layernorm")):
+            for suffix in ("weight", "bias"):
+                self._parts[f"{new}.{suffix}"] = (f"{old}.{suffix}",)
+        renames = {"self_attn.dense": "self_attn.out_proj", "input_layernorm": "layer_norm1",
+                   "post_attention_layernorm": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        for i in range(cfg.num_layers):
+            k = f"encoder.layers.{i}"
+            for suffix in ("weight", "bias"):
+                self._parts[f"{k}.self_attn.query_key_value.{suffix}"] = tuple(
+                    f"{k}.self_attn.{n}_proj.{suffix}" for n in "qkv")
+                for ours, theirs in renames.items():
+                    self._parts[f"{k}.{ours}.{suffix}"] = (f"{k}.{theirs}.{suffix}",)
+        have = {k[len(self._prefix):] for k in keys if k.startswith(self._prefix)}
+        missing = sorted(h for parts in self._parts.values() for h in parts if h not in have)
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+            raise CheckpointMismatchError(f"{self.name} is not a CLIP vision checkpoint of this size: missing {shown}")
+        used = {h for parts in self._parts.values() for h in parts} | {"embeddings.position_ids"}
+        for h in sorted(have - used):  # passed through under their own names (reported as unexpected)
+            self._parts[h] = (h,)
+        self._keys = list(self._parts)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._parts
+
+    def _hf(self, key: str) -> tuple[str, ...]:
+        return tuple(self._prefix + h for h in self._parts[key])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        parts = self._hf(key)
+        shape = self._source.shape(parts[0])
+        if len(parts) == 3:  # fused q/k/v
+            shapes = [tuple(self._source.shape(p)) for p in parts]
+            if len(set(shapes)) > 1 or shape[0] % self._cfg.num_heads:
+                raise ValueError(f"q/k/v projections of shapes {shapes} cannot be fused over "
+                                 f"{self._cfg.num_heads} heads")
+            return (3 * shape[0],) + tuple(shape[1:])
+        if key == "embeddings.cls_token":
+            return (1, 1, int(np.prod(shape)))
+        if key == "embeddings.position_embedding":
+            return (1,) + tuple(shape)
+        return tuple(shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._source.dtype(self._hf(key)[0])
+
+    def read(self, key: str) -> np.ndarray:
+        parts = self._hf(key)
+        if len(parts) == 3:
+            return interleave_qkv(*(self._source.read(p) for p in parts), self._cfg.num_heads)
+        x = self._source.read(parts[0])
+        if key == "embeddings.cls_token":
+            return x.reshape(1, 1, -1)
+        if key == "embeddings.position_embedding":
+            return x[None]
+        return x
+
+
 def hf_clip_to_official(tensors: dict[str, np.ndarray], cfg: VisionConfig, *,
                         source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """HF `CLIPVisionModel` tensors (optionally under `vision_model.`) -> official mPLUG-Owl vision keys."""
-    try:
-        return _hf_clip_to_official(tensors, cfg)
-    except KeyError as e:
-        raise CheckpointMismatchError(f"{source} is not a CLIP vision checkpoint of this size: "
-                                      f"missing {e.args[0]!r}") from None
-
-
-def _hf_clip_to_official(tensors: dict[str, np.ndarray], cfg: VisionConfig) -> dict[str, np.ndarray]:
-    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
-    t = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    d = cfg.hidden_size
-    out = {
-        "embeddings.cls_token": t.pop("embeddings.class_embedding").reshape(1, 1, d),
-        "embeddings.patch_embed.weight": t.pop("embeddings.patch_embedding.weight"),
-        "embeddings.position_embedding": t.pop("embeddings.position_embedding.weight")[None],
-    }
-    t.pop("embeddings.position_ids", None)
-    renames = {"pre_layrnorm": "embeddings.pre_layernorm", "post_layernorm": "post_layernorm"}
-    for old, new in renames.items():
-        for suffix in ("weight", "bias"):
-            out[f"{new}.{suffix}"] = t.pop(f"{old}.{suffix}")
-    for i in range(cfg.num_layers):
-        k = f"encoder.layers.{i}"
-        for suffix in ("weight", "bias"):
-            q, kk, v = (t.pop(f"{k}.self_attn.{n}_proj.{suffix}") for n in "qkv")
-            out[f"{k}.self_attn.query_key_value.{suffix}"] = interleave_qkv(q, kk, v, cfg.num_heads)
-            out[f"{k}.self_attn.dense.{suffix}"] = t.pop(f"{k}.self_attn.out_proj.{suffix}")
-            out[f"{k}.input_layernorm.{suffix}"] = t.pop(f"{k}.layer_norm1.{suffix}")
-            out[f"{k}.post_attention_layernorm.{suffix}"] = t.pop(f"{k}.layer_norm2.{suffix}")
-            out[f"{k}.mlp.fc1.{suffix}"] = t.pop(f"{k}.mlp.fc1.{suffix}")
-            out[f"{k}.mlp.fc2.{suffix}"] = t.pop(f"{k}.mlp.fc2.{suffix}")
-    out.update(t)  # anything left over is reported as unexpected by the importer
-    return out
+    """HF `CLIPVisionModel` tensors (optionally under `vision_model.`) -> official mPLUG-Owl vision keys
+    (the eager form of `HFClipAsOfficial`)."""
+    return read_all(HFClipAsOfficial(DictSource(tensors, source), cfg))
 
 
 def official_to_hf_clip(tensors: dict[str, np.ndarray], cfg: VisionConfig) -> dict[str, np.ndarray]:

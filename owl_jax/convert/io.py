@@ -1,9 +1,10 @@
 """Reading and writing PyTorch-side weight files without pickle.
 
-Safetensors are parsed directly (8-byte header length, JSON header, raw little-endian data) and
-memory-mapped, so tensors can be read one at a time — the basis of streaming import of 7B-scale
-checkpoints — and bfloat16 works without torch. Legacy `.bin` files go through
-`torch.load(weights_only=True)`, which refuses arbitrary pickled code.
+Safetensors are parsed directly (8-byte header length, JSON header, raw little-endian data) and read
+one tensor at a time straight into its array (no intermediate buffer) — the basis of streaming import
+of 7B-scale checkpoints (`convert.sources`, `convert.stream`) — and bfloat16 works without torch. Legacy
+`.bin` files go through `torch.load(weights_only=True)`, which refuses arbitrary pickled code. Exports
+are written as one file or as HF-style shards with a `*.safetensors.index.json` (`save_safetensors_checkpoint`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class WeightFileError(ValueError):
 
 
 class SafetensorsFile:
-    """Lazy, memory-mapped view of one `.safetensors` file: `keys()`, `shape(k)`, `read(k)`."""
+    """Lazy view of one `.safetensors` file: `keys()`, `shape(k)`, `dtype(k)` from the header; `read(k)`
+    reads one tensor by its offset."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -52,18 +54,29 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
 
+    def dtype(self, key: str) -> np.dtype:
+        name = self._entries[key]["dtype"]
+        if name not in _DTYPES:
+            raise WeightFileError(f"{self.path}: tensor {key!r} has unsupported dtype {name}")
+        return np.dtype(_DTYPES[name])
+
     def read(self, key: str) -> np.ndarray:
+        """One tensor, read from disk into a fresh array (the only host copy: no bytes buffer in between)."""
         entry = self._entries[key]
-        if entry["dtype"] not in _DTYPES:
-            raise WeightFileError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        dtype = self.dtype(key)
         begin, end = entry["data_offsets"]
         if self._data_start + end > self._size:
             raise WeightFileError(f"{self.path}: tensor {key!r} extends past the end of the file (truncated?)")
+        out = np.empty(entry["shape"], dtype=dtype)
+        if out.nbytes != end - begin:
+            raise WeightFileError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape "
+                                  f"{tuple(entry['shape'])} {dtype} ({out.nbytes} expected)")
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
-            buf = f.read(end - begin)
-        return np.frombuffer(buf, dtype=dtype).reshape(entry["shape"]).copy()
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != out.nbytes:
+            raise WeightFileError(f"{self.path}: tensor {key!r} is truncated")
+        return out
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -89,27 +102,39 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
             f.write(arr.tobytes())
 
 
-def _torch_load(path: Path) -> dict[str, np.ndarray]:
+def torch_state(path: Path, *, mmap: bool = False) -> dict:
+    """The tensors of a `.bin` file as torch tensors, via `torch.load(weights_only=True)`. With `mmap`
+    (zip-format files, the default since torch 1.6) the data stays on disk until a tensor is used."""
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise WeightFileError(f"{path}: reading legacy .bin weights needs torch (pip install torch)") from e
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:  # torch raises many types for bad or unsafe pickles
         raise WeightFileError(f"{path}: cannot load with torch.load(weights_only=True): {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    out = {}
-    for key, t in state.items():
-        if not hasattr(t, "detach"):
-            continue
-        t = t.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            out[key] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[key] = t.numpy()
-    return out
+    return {k: t for k, t in state.items() if hasattr(t, "detach")}
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as a numpy array (bfloat16 through ml_dtypes)."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _torch_load(path: Path) -> dict[str, np.ndarray]:
+    return {key: torch_to_numpy(t) for key, t in torch_state(path).items()}
 
 
 def _index_files(directory: Path, index_name: str) -> list[Path]:
@@ -157,3 +182,38 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
 
 def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(iter_tensors(path))
+
+
+def save_safetensors_checkpoint(tensors: Mapping[str, np.ndarray], directory: str | os.PathLike, *,
+                                max_shard_bytes: int, basename: str = "model",
+                                metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Write `tensors` as Hugging Face writes a checkpoint: one `{basename}.safetensors`, or, when the total
+    exceeds `max_shard_bytes`, shards `{basename}-00001-of-0000N.safetensors` (keys in sorted order, each
+    shard at most `max_shard_bytes` unless one tensor alone is larger) plus `{basename}.safetensors.index.json`
+    mapping every key to its shard. Returns the files written. `metadata` defaults to `{"format": "pt"}`,
+    which transformers checks."""
+    directory = Path(directory)
+    metadata = dict(metadata or {"format": "pt"})
+    sizes = {k: np.asarray(v).nbytes for k, v in tensors.items()}
+    total = sum(sizes.values())
+    if total <= max_shard_bytes:
+        path = directory / f"{basename}.safetensors"
+        save_safetensors(tensors, path, metadata)
+        return [path]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for key in sorted(tensors):
+        if groups[-1] and used + sizes[key] > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(key)
+        used += sizes[key]
+    paths, weight_map = [], {}
+    for i, keys in enumerate(groups):
+        name = f"{basename}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_safetensors({k: tensors[k] for k in keys}, directory / name, metadata)
+        weight_map.update((k, name) for k in keys)
+        paths.append(directory / name)
+    index = directory / f"{basename}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return paths + [index]

@@ -20,8 +20,9 @@ def identity(x: np.ndarray) -> np.ndarray:
 
 
 def transpose(x: np.ndarray) -> np.ndarray:
-    """torch Linear (out, in) <-> Flax kernel (in, out)."""
-    return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    """torch Linear (out, in) <-> Flax kernel (in, out). A view: no copy here (writers and placement make
+    the one contiguous copy), which also lets `transformed_shape` run it on a zero-stride probe."""
+    return np.swapaxes(x, -1, -2)
 
 
 def reshape_to(shape: tuple[int, ...]) -> Transform:
@@ -64,17 +65,33 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): {shown}"
 
 
+def check_keys(keys: Iterable[str], rules: list[TensorRule], *, ignore: Iterable[str] = (),
+               source: str = "checkpoint") -> None:
+    """Every rule's key present and no other key (besides `ignore`d substrings, e.g. rotary `inv_freq`
+    buffers); otherwise a CheckpointMismatchError listing the missing and unexpected keys by name."""
+    ignore = tuple(ignore)
+    have = set(keys)
+    wanted = {r.key for r in rules}
+    missing = sorted(k for k in wanted if k not in have)
+    unexpected = sorted(k for k in have if k not in wanted and not any(s in k for s in ignore))
+    if missing or unexpected:
+        parts = [_listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected)) if i]
+        raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(parts))
+
+
+def transformed_shape(rule: TensorRule, shape: tuple[int, ...], dtype=np.float32) -> tuple[int, ...]:
+    """The shape `rule.to_jax` gives a checkpoint tensor of `shape`, computed on a zero-stride probe (no
+    memory touched), so a whole checkpoint can be checked against a model from its headers alone. Raises
+    ValueError when the transform cannot take that shape (e.g. a reshape of the wrong size)."""
+    probe = np.lib.stride_tricks.as_strided(np.zeros((), dtype), shape, (0,) * len(shape))
+    return tuple(np.shape(rule.to_jax(probe)))
+
+
 def tensors_to_params(tensors: Mapping[str, np.ndarray], rules: list[TensorRule], *,
                       ignore: Iterable[str] = (), source: str = "checkpoint") -> dict[str, np.ndarray]:
     """Checkpoint tensors -> canonical params. Keys not covered by a rule (other than `ignore`d
     substrings, e.g. rotary `inv_freq` buffers) and rules with no tensor are errors, listed by name."""
-    ignore = tuple(ignore)
-    keys = {r.key for r in rules}
-    missing = sorted(k for k in keys if k not in tensors)
-    unexpected = sorted(k for k in tensors if k not in keys and not any(s in k for s in ignore))
-    if missing or unexpected:
-        parts = [_listing(t, i) for t, i in (("missing", missing), ("unexpected", unexpected)) if i]
-        raise CheckpointMismatchError(f"{source} does not match the model: " + "; ".join(parts))
+    check_keys(tensors, rules, ignore=ignore, source=source)
     out, misshaped = {}, []
     for r in rules:
         value = np.asarray(tensors[r.key])

@@ -18,7 +18,9 @@ from owl_jax.convert.abstractor import abstractor_rules
 from owl_jax.convert.keymap import (CheckpointMismatchError, TensorRule, params_to_tensors, prefixed,
                                     tensors_to_params, transpose)
 from owl_jax.convert.llama import IGNORED_BUFFERS, llama_rules
+from owl_jax.convert.sources import FilteredSource, open_source
 from owl_jax.convert.state import assign_canonical_params, canonical_params
+from owl_jax.convert.stream import stream_params
 
 
 def official_rules(cfg: ModelConfig) -> list[TensorRule]:
@@ -31,35 +33,53 @@ def _is_lora(path: str) -> bool:
     return ".lora." in path
 
 
+def _expect_model_type(path: str | os.PathLike, allowed: tuple[str, ...], what: str) -> None:
+    """Refuse a checkpoint directory whose `config.json` names another architecture (say, a CLIP tower given
+    as the LLM) with that name, instead of a long list of missing and unexpected keys."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise io.WeightFileError(f"{config}: not a readable config ({e})") from e
+    if model_type is not None and model_type not in allowed:
+        raise CheckpointMismatchError(f"{path} is a {model_type!r} checkpoint (config.json model_type), not a "
+                                      f"{what} checkpoint (model_type {' or '.join(map(repr, allowed))})")
+
+
 def load_official(model: nnx.Module, cfg: ModelConfig, path: str | os.PathLike) -> None:
-    """Load an official mPLUG-Owl checkpoint (file or HF directory) into every base parameter."""
-    tensors = io.load_tensors(path)
-    params = tensors_to_params(tensors, official_rules(cfg), ignore=IGNORED_BUFFERS, source=str(path))
-    assign_canonical_params(model, params, include=lambda p: not _is_lora(p))
+    """Load an official mPLUG-Owl checkpoint (file or HF directory) into every base parameter, streaming
+    (one tensor in host memory at a time, each placed with its parameter's sharding)."""
+    _expect_model_type(path, ("mplug-owl", "mplug_owl"), "mPLUG-Owl")
+    stream_params(model, open_source(path), official_rules(cfg), include=lambda p: not _is_lora(p),
+                  ignore=IGNORED_BUFFERS)
 
 
 def load_hf_llama(model: nnx.Module, cfg: ModelConfig, path: str | os.PathLike) -> None:
-    """Load HF `LlamaForCausalLM` weights into the language model only."""
-    tensors = io.load_tensors(path)
-    if cfg.text.tie_word_embeddings and "lm_head.weight" in tensors:
+    """Load HF `LlamaForCausalLM` weights into the language model only (streaming)."""
+    _expect_model_type(path, ("llama",), "LLaMA")
+    source = open_source(path)
+    if cfg.text.tie_word_embeddings and "lm_head.weight" in source:
         # torch.save'd state dicts (legacy .bin) of tied models keep the alias; drop it only if it is one.
-        if not np.array_equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
+        embed = "model.embed_tokens.weight"
+        if embed in source and not np.array_equal(source.read("lm_head.weight"), source.read(embed)):
             raise CheckpointMismatchError(f"{path}: config ties the embeddings but lm_head.weight differs from "
                                           f"model.embed_tokens.weight")
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-    params = tensors_to_params(tensors, llama_rules(cfg.text), ignore=IGNORED_BUFFERS, source=str(path))
-    assign_canonical_params(model, params, include=lambda p: p.startswith("language_model.") and not _is_lora(p))
+        source = FilteredSource(source, lambda k: k != "lm_head.weight")
+    stream_params(model, source, llama_rules(cfg.text), ignore=IGNORED_BUFFERS,
+                  include=lambda p: p.startswith("language_model.") and not _is_lora(p))
 
 
 def load_hf_clip_vision(model: nnx.Module, cfg: ModelConfig, path: str | os.PathLike) -> None:
-    """Load HF `CLIPVisionModel` (or full `CLIPModel`) weights into the vision tower only."""
-    tensors = io.load_tensors(path)
-    if any(k.startswith("text_model.") for k in tensors):
-        tensors = {k: v for k, v in tensors.items() if k.startswith("vision_model.")}
-    tensors = {k: v for k, v in tensors.items() if "position_ids" not in k}
-    official = clip.hf_clip_to_official(tensors, cfg.vision, source=str(path))
-    params = tensors_to_params(official, clip.official_vision_rules(cfg.vision), source=str(path))
-    assign_canonical_params(model, params, include=lambda p: p.startswith("vision_model.") and not _is_lora(p))
+    """Load HF `CLIPVisionModel` (or full `CLIPModel`) weights into the vision tower only (streaming; q/k/v
+    are fused per layer as they are read)."""
+    _expect_model_type(path, ("clip", "clip_vision_model"), "CLIP")
+    source = open_source(path)
+    if any(k.startswith("text_model.") for k in source.keys()):
+        source = FilteredSource(source, lambda k: k.startswith("vision_model."))
+    stream_params(model, clip.HFClipAsOfficial(source, cfg.vision), clip.official_vision_rules(cfg.vision),
+                  include=lambda p: p.startswith("vision_model.") and not _is_lora(p))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,10 +112,12 @@ def export_hf_llama(model: nnx.Module, cfg: ModelConfig) -> dict[str, np.ndarray
     return params_to_tensors(_base_params(model), llama_rules(cfg.text))
 
 
-def export_hf_clip_vision(model: nnx.Module, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """The vision tower as `CLIPVisionModel` tensors (keys as transformers 5 writes them, no prefix)."""
+def export_hf_clip_vision(model: nnx.Module, cfg: ModelConfig, *, with_prefix: bool = False) -> dict[str, np.ndarray]:
+    """The vision tower as `CLIPVisionModel` tensors: keys as transformers 5 writes them (no prefix), or
+    `with_prefix` under `vision_model.` as transformers 4 writes them — which both 4.x and 5.x load."""
     official = params_to_tensors(_base_params(model), clip.official_vision_rules(cfg.vision))
-    return clip.official_to_hf_clip(official, cfg.vision)
+    tensors = clip.official_to_hf_clip(official, cfg.vision)
+    return {f"vision_model.{k}": v for k, v in tensors.items()} if with_prefix else tensors
 
 
 def export_peft_lora(model: nnx.Module, cfg: ModelConfig, *, layout: str = "mplug-owl") -> dict[str, np.ndarray]:

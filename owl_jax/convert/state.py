@@ -24,46 +24,77 @@ def _scanned_stack_prefixes(model: nnx.Module) -> list[str]:
             if isinstance(node, LayerStack) and node.scan]
 
 
-def _flat_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Dotted path -> Param/LoRAParam variable of the model (real layout)."""
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {path_str(path): var for path, var in flat}
+def _layout(model: nnx.Module) -> list[tuple[nnx.Variable, list[str] | None, str]]:
+    """(variable, canonical names of its layer slices or None, canonical name) per Param/LoRAParam.
+
+    For a scanned stack's variable the list names layer i's slice `value[i]`; otherwise it is None and
+    the variable maps whole to the canonical name (its real dotted path). The one place that knows how
+    the two layouts correspond; reading, shape listing and assignment all go through it."""
+    stacks = _scanned_stack_prefixes(model)
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = path_str(path)
+        prefix = next((p for p in stacks if name.startswith(p + ".")), None)
+        if prefix is None:
+            out.append((var, None, name))
+        else:
+            rest = name[len(prefix) + 1:]
+            out.append((var, [f"{prefix}.{i}.{rest}" for i in range(var.shape[0])], name))
+    return out
 
 
 def canonical_params(model: nnx.Module) -> dict[str, jax.Array]:
     """Canonical dotted path -> array (stacked layers split into per-layer entries)."""
-    stacks = _scanned_stack_prefixes(model)
     out = {}
-    for name, var in _flat_variables(model).items():
+    for var, per_layer, name in _layout(model):
         value = var[...]
-        prefix = next((p for p in stacks if name.startswith(p + ".")), None)
-        if prefix is None:
+        if per_layer is None:
             out[name] = value
-            continue
-        rest = name[len(prefix) + 1:]
-        for i in range(value.shape[0]):
-            out[f"{prefix}.{i}.{rest}"] = value[i]
+        else:
+            out.update((k, value[i]) for i, k in enumerate(per_layer))
     return out
 
 
 def canonical_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], object]]:
     """Canonical dotted path -> (shape, dtype) without touching values (works on abstract models)."""
-    stacks = _scanned_stack_prefixes(model)
     out = {}
-    for name, var in _flat_variables(model).items():
+    for var, per_layer, name in _layout(model):
         shape, dtype = tuple(var.shape), var.dtype
-        prefix = next((p for p in stacks if name.startswith(p + ".")), None)
-        if prefix is None:
+        if per_layer is None:
             out[name] = (shape, dtype)
-            continue
-        rest = name[len(prefix) + 1:]
-        for i in range(shape[0]):
-            out[f"{prefix}.{i}.{rest}"] = (shape[1:], dtype)
+        else:
+            out.update((k, (shape[1:], dtype)) for k in per_layer)
     return out
 
 
 class StateMismatchError(ValueError):
     """Tensors given for a model do not match its parameters."""
+
+
+def parameter_layout(model: nnx.Module) -> list[tuple[nnx.Variable, list[str] | None, str]]:
+    """(variable, canonical names of its layer slices or None, canonical name) for every Param/LoRAParam,
+    for code that fills a model variable by variable (streaming import); see `_layout`."""
+    return _layout(model)
+
+
+def check_shapes(model: nnx.Module, shapes: dict[str, tuple[int, ...]], *,
+                 include: Callable[[str], bool] = lambda path: True) -> dict[str, tuple[tuple[int, ...], object]]:
+    """Check canonical-path shapes against the parameters selected by `include`: each given exactly once
+    with the right shape, else a StateMismatchError listing the missing, unexpected and mis-shaped names.
+    Returns the selected parameters' (shape, dtype)."""
+    expected = {k: v for k, v in canonical_shapes(model).items() if include(k)}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = sorted(f"{k}: model {expected[k][0]} vs given {tuple(shapes[k])}"
+                       for k in set(expected) & set(shapes) if tuple(shapes[k]) != expected[k][0])
+    if missing or unexpected or misshaped:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                parts.append(f"{title}: {shown}")
+        raise StateMismatchError("parameters do not match the model; " + "; ".join(parts))
+    return expected
 
 
 def assign_canonical_params(model: nnx.Module, params: dict[str, np.ndarray | jax.Array], *,
@@ -75,33 +106,13 @@ def assign_canonical_params(model: nnx.Module, params: dict[str, np.ndarray | ja
     StateMismatchError lists the missing, unexpected and mis-shaped names, and nothing is assigned, so a
     wrong checkpoint never half-loads.
     """
-    expected = {k: v for k, v in canonical_shapes(model).items() if include(k)}
-    missing = sorted(set(expected) - set(params))
-    unexpected = sorted(set(params) - set(expected))
-    misshaped = sorted(f"{k}: model {expected[k][0]} vs given {tuple(np.shape(params[k]))}"
-                       for k in set(expected) & set(params) if tuple(np.shape(params[k])) != expected[k][0])
-    if missing or unexpected or misshaped:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                parts.append(f"{title}: {shown}")
-        raise StateMismatchError("parameters do not match the model; " + "; ".join(parts))
-
-    stacks = _scanned_stack_prefixes(model)
-    for name, var in _flat_variables(model).items():
-        prefix = next((p for p in stacks if name.startswith(p + ".")), None)
-        if prefix is None:
-            if name not in expected:
-                continue
-            value = params[name]
-        else:
-            rest = name[len(prefix) + 1:]
-            per_layer = [f"{prefix}.{i}.{rest}" for i in range(var.shape[0])]
-            if per_layer[0] not in expected:
-                continue
-            value = np.stack([np.asarray(params[k]) for k in per_layer])
-        _set_keeping_placement(var, value)
+    expected = check_shapes(model, {k: tuple(np.shape(v)) for k, v in params.items()}, include=include)
+    for var, per_layer, name in _layout(model):
+        if per_layer is None:
+            if name in expected:
+                _set_keeping_placement(var, params[name])
+        elif per_layer[0] in expected:
+            _set_keeping_placement(var, np.stack([np.asarray(params[k]) for k in per_layer]))
 
 
 def _set_keeping_placement(var: nnx.Variable, value) -> None:

@@ -10,6 +10,7 @@ Images are NHWC float arrays already normalised with the CLIP mean/std.
 from __future__ import annotations
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
@@ -66,6 +67,18 @@ class VisionLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def sincos2d_position_table(grid: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """[1 + grid², dim] float32: a zero row for CLS, then big_vision's `posemb_sincos_2d` over the patch
+    grid in row-major order (dim/4 frequencies each of sin/cos of the x and of the y coordinate)."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embeddings need hidden_size divisible by 4, got {dim}")
+    y, x = np.mgrid[:grid, :grid]
+    omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4))
+    y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return np.concatenate([np.zeros((1, dim)), table], axis=0).astype(np.float32)
+
+
 class VisionTower(nnx.Module):
     def __init__(self, model_cfg: ModelConfig, *, rngs: nnx.Rngs):
         cfg = model_cfg.vision
@@ -80,8 +93,12 @@ class VisionTower(nnx.Module):
             out_sharding=("patch", "patch", None, "vision_embed"))
         self.cls_token = nnx.Param(normal_init(0.02)(rngs.params(), (d,), param_dtype),
                                    out_sharding=("vision_embed",))
-        self.position_embedding = nnx.Param(normal_init(0.02)(rngs.params(), (cfg.num_positions, d), param_dtype),
-                                            out_sharding=("positions", "vision_embed"))
+        if cfg.position_embedding_init == "sincos2d":
+            table = jnp.asarray(sincos2d_position_table(cfg.image_size // p, d), param_dtype)
+            rngs.params()  # keep the key sequence of the "normal" init: same weights everywhere else
+        else:
+            table = normal_init(0.02)(rngs.params(), (cfg.num_positions, d), param_dtype)
+        self.position_embedding = nnx.Param(table, out_sharding=("positions", "vision_embed"))
         self.pre_layernorm = LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
         self.layers = LayerStack(
             lambda r: VisionLayer(cfg, dtype=dtype, param_dtype=param_dtype,

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -64,6 +65,22 @@ class Trainer:
     def model(self) -> MplugOwl:
         """The current model (a view over the live state)."""
         return nnx.merge(self.graphdef, self.state).model
+
+    @functools.cached_property
+    def _eval_fn(self) -> Callable:
+        graphdef = self.graphdef
+
+        def loss_terms(state, batch):
+            model = nnx.merge(graphdef, state).model
+            model.eval()  # no dropout
+            return model.loss_terms(batch)
+
+        return jax.jit(loss_terms)
+
+    def eval_terms(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
+        """(summed token loss, token count) of `batch` under the current weights, in eval mode; compiled
+        once per batch shape, separately from the train step."""
+        return self._eval_fn(self.state, dict(batch))
 
 
 def _cast_frozen(model: MplugOwl, keep: Callable, dtype) -> None:

@@ -1,0 +1,66 @@
+"""Helpers shared by the conversion, parity and export tests: exact tensor comparison, random weights for
+PyTorch and owl-jax models (so that no value sits at a trivial init that a wrong mapping would still
+match), and error measures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def assert_same_tensors(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    bad = [k for k in want if not same_bits(got[k], want[k])]
+    assert not bad, f"tensors differ: {bad[:10]}"
+
+
+def max_err(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def randomize_(model, seed: int) -> None:
+    """Re-draw every parameter of a torch module (LayerNorm / RMSNorm scales around 1, small non-zero
+    biases, CLS / positions / token embeddings ~ N(0, 0.25), Linear and conv weights ~ N(0, 1/fan_in))."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, dtype=torch.float32)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters are listed once
+            if name.endswith("bias"):
+                p.copy_(0.1 * randn(p.shape))
+            elif p.ndim == 1 and "norm" in name:  # LayerNorm / RMSNorm scales
+                p.copy_(1.0 + 0.2 * randn(p.shape))
+            elif p.ndim == 1 or "embedding" in name or "embed_tokens" in name:  # CLS, positions, tokens
+                p.copy_(0.5 * randn(p.shape))
+            else:  # Linear (out, in) and the patch conv (D, C, p, p)
+                p.copy_(randn(p.shape) / math.sqrt(math.prod(p.shape[1:])))
+
+
+def random_canonical_params(shapes: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random values for owl-jax canonical parameters (`convert.state.canonical_shapes`), drawn by the same
+    scheme as `randomize_`: norm scales around 1, biases small, kernels ~ N(0, 1/fan_in), LoRA B non-zero."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (shape, _) in sorted(shapes.items()):
+        leaf = name.rsplit(".", 1)[-1]
+        x = rng.normal(size=shape)
+        if leaf == "scale":
+            x = 1.0 + 0.2 * x
+        elif leaf == "bias":
+            x = 0.1 * x
+        elif leaf in ("kernel", "lora_a", "lora_b") or name.endswith("patch_embed"):
+            x = x / math.sqrt(math.prod(shape[:-1]))
+        else:  # embeddings, CLS, positions, queries, vit_eos
+            x = 0.5 * x
+        out[name] = x.astype(np.float32)
+    return out
