@@ -208,6 +208,13 @@ def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
     return batch
 
 
+def _host_copy(x):
+    """A numpy copy of a device array (typed PRNG keys stay as they are: numpy cannot hold them)."""
+    if isinstance(x, jax.Array) and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(x)
+    return x
+
+
 def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_steps: int | None = None,
                    batch_example: Mapping[str, Any] | None = None) -> Trainer:
     """Initialise the sharded train state and jit the step with explicit in/out shardings and the
@@ -216,8 +223,10 @@ def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_st
     graphdef, abstract_state, shardings, schedule, init = abstract_train_state(cfg, mesh, total_steps=total_steps,
                                                                                seed=seed)
     if _state_bytes(abstract_state) <= EAGER_INIT_MAX_BYTES:
-        # Eager ops are cached per shape across builds; placing afterwards keeps that cache warm.
-        state = jax.device_put(nnx.state(init()), shardings)
+        # Eager ops are cached per shape across builds; placing afterwards keeps that cache warm. Placed
+        # from host copies: resharding device arrays compiles a transfer per parameter shape (~4.5 s for
+        # the tiny test model on 8 CPU devices, vs 0.04 s from numpy).
+        state = jax.device_put(jax.tree.map(_host_copy, nnx.state(init())), shardings)
     else:
         with jax.set_mesh(mesh):
             state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
