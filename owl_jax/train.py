@@ -226,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from data_pipelines.captions import DataError
     from owl_jax.checkpoint import CheckpointError
+    from owl_jax.distributed import initialize as init_distributed
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # a typo fails here, before waiting for any peer
+        # Multi-process runs (TPU pods, SLURM, GKE, OWL_* variables; see launch/README.md) join here,
+        # before the first JAX call; a single process is a no-op.
+        init_distributed()
         _print(dump_config(cfg).rstrip())
         metrics = run(cfg)
     except (ConfigError, DataError, TrainingError, FileNotFoundError, CheckpointError) as e:
