@@ -11,7 +11,8 @@ Images are human lines of their own, placed where they were added (before the ne
 released instruction data. Prompts are tokenised by `data_pipelines.tokenize.to_prompt`, i.e. exactly as
 training tokenised the same conversation. Answers are cut at a new role marker (a model that keeps going
 would otherwise write the human's next turn), so the history always renders back to a valid conversation.
-When a prompt would not fit the context, the oldest question/answer turns are dropped (images stay).
+When a prompt and its answer would not fit the context (`max_position_embeddings`), the oldest
+question/answer turns are dropped (images stay), then the answer is given what room is left.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class ChatSession:
         self.images.append(np.asarray(pixels, np.float32))
 
     def prompt(self, question: str, *, max_new_tokens: int = 0) -> "Prompt":
-        """The prompt asking `question` after the history, dropping the oldest question/answer turns when
-        the prompt plus `max_new_tokens` would exceed the context."""
+        """The prompt asking `question` after the history, dropping the oldest question/answer turns while
+        the prompt plus `max_new_tokens` would exceed the context (see `room` for what is left)."""
         from data_pipelines.tokenize import to_prompt
         from owl_jax.generate import Prompt
         question = question.strip()
@@ -117,13 +118,13 @@ class ChatSession:
                                    images=["image"] * len(self.images), system=self.system)
             except BadRecord as e:
                 raise ChatError(f"cannot ask that: {e.reason}") from None
-            if len(tokens) + max_new_tokens <= self.max_context:
-                break
             droppable = [i for i, (_, text) in enumerate(turns) if text != IMAGE_TAG]
-            if not droppable:
-                raise ChatError(f"the prompt is {len(tokens)} tokens; with {max_new_tokens} new tokens it exceeds "
-                                f"the context of {self.max_context}")
+            if len(tokens) + max_new_tokens <= self.max_context or not droppable:
+                break
             del turns[droppable[0]]
+        if len(tokens) >= self.max_context:
+            raise ChatError(f"the prompt is {len(tokens)} tokens, which leaves no room in the context of "
+                            f"{self.max_context}")
         pixels = np.stack(self.images) if self.images else None
         return Prompt(tokens, pixels)
 
@@ -135,6 +136,18 @@ class ChatSession:
             self.turns.append((AI, answer))
         return answer
 
+    def room(self, prompt: "Prompt") -> int:
+        """New tokens that fit in the context after `prompt`."""
+        return self.max_context - len(prompt.tokens)
+
     def answer(self, generator: "Generator", question: str, settings: "GenerationSettings") -> str:
+        """Generate the answer to `question` (at most `room` new tokens) and record the turn."""
         prompt = self.prompt(question, max_new_tokens=settings.max_new_tokens)
+        settings = fit_settings(settings, [self.room(prompt)])
         return self.record(question, generator.generate([prompt], settings)[0].text)
+
+
+def fit_settings(settings: "GenerationSettings", rooms: list[int]) -> "GenerationSettings":
+    """`settings` with max_new_tokens lowered to what fits after every prompt of a batch."""
+    import dataclasses
+    return dataclasses.replace(settings, max_new_tokens=max(1, min(settings.max_new_tokens, *rooms)))

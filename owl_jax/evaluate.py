@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -156,7 +157,7 @@ def generated_answer_accuracy(cfg: Config, model, tokenizer, questions: list[dic
     """Exact-match accuracy of generated short answers (greedy, 16 new tokens unless `settings` say
     otherwise), per `kind` like `multiple_choice_accuracy`; chance is 1 / number of choices when the
     records carry choices (0 otherwise)."""
-    from owl_jax.chat import ChatSession, read_image
+    from owl_jax.chat import ChatSession, fit_settings, read_image
     from owl_jax.generate import GenerationSettings
     settings = settings or GenerationSettings(max_new_tokens=16)
     generator = _generator(cfg, model, tokenizer, generator)
@@ -168,7 +169,8 @@ def generated_answer_accuracy(cfg: Config, model, tokenizer, questions: list[dic
             if q.get("image"):
                 session.add_image(read_image(os.path.join(image_root, q["image"]), cfg.model.vision.image_size))
         prompts = [s.prompt(q["question"], max_new_tokens=settings.max_new_tokens) for q, s in zip(group, sessions)]
-        for q, session, gen in zip(group, sessions, generator.generate(prompts, settings)):
+        fitted = fit_settings(settings, [s.room(p) for s, p in zip(sessions, prompts)])
+        for q, session, gen in zip(group, sessions, generator.generate(prompts, fitted)):
             answer = session.record(q["question"], gen.text)
             kind = q.get("kind", "all")
             for k in (kind, "all") if kind != "all" else ("all",):
@@ -188,7 +190,7 @@ def owleval_answers(cfg: Config, model, tokenizer, questions: list[dict], image_
                     model_id: str = "owl-jax", batch_size: int = 8, generator=None) -> list[dict]:
     """Answers in the OwlEval format (see the module docstring). Dialogues are answered round by round,
     the r-th question of up to `batch_size` dialogues per generation batch."""
-    from owl_jax.chat import DEFAULT_STOP, ChatSession, read_image
+    from owl_jax.chat import DEFAULT_STOP, ChatSession, fit_settings, read_image
     from owl_jax.generate import GenerationSettings
     settings = settings or GenerationSettings(max_new_tokens=512, stop_strings=DEFAULT_STOP)
     generator = _generator(cfg, model, tokenizer, generator)
@@ -212,13 +214,16 @@ def owleval_answers(cfg: Config, model, tokenizer, questions: list[dict], image_
             group = active[start:start + batch_size]
             prompts = [sessions[image].prompt(q["question"], max_new_tokens=settings.max_new_tokens)
                        for image, q in group]
-            for (image, q), gen in zip(group, generator.generate(prompts, settings)):
+            fitted = fit_settings(settings, [sessions[image].room(p) for (image, _), p in zip(group, prompts)])
+            for (image, q), gen in zip(group, generator.generate(prompts, fitted)):
                 answers[id(q)] = sessions[image].record(q["question"], gen.text)
     return [{"image": q.get("image"), "question_id": q["question_id"], "question": q["question"],
              "answer": answers[id(q)], "model_id": model_id} for q in questions]
 
 
+@functools.lru_cache(maxsize=8)
 def _row_sums_fn(graphdef):
+    """Jitted per-row (NLL sum, token count); cached per architecture so repeated calls do not recompile."""
     @jax.jit
     def sums(state, batch):
         from owl_jax.loss import token_nll
@@ -329,7 +334,7 @@ def _run(args, parser: argparse.ArgumentParser) -> int:
     if args.task == "owleval" and not args.out:
         parser.error("--task owleval needs --out")
     cfg, model, tokenizer = load_model_for_eval(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
-                                                merge_lora=args.merge_lora)
+                                                merge_lora=args.merge_lora, scan_layers=args.scan_layers)
     if args.system_prompt is not None:
         cfg.data.system_prompt = args.system_prompt
     settings = settings_from_args(args)

@@ -9,8 +9,9 @@ conversation template (images first, one `Human: <image>` line each), and the an
 
 How a batch is generated (`Generator.generate`):
 
-1. Prompts are left-padded to a bucketed length P (powers of two from 16 to 256, then multiples of 256)
-   and the batch to a power of two, so that a session compiles a handful of times, not once per prompt.
+1. Prompts are left-padded to a bucketed length P (64, 128, 256, then multiples of 256), images to a
+   power-of-two budget and the batch to a power of two, so that a session compiles a handful of times,
+   not once per prompt (the official system prompt alone is ~110 LLaMA tokens: few prompts are short).
    RoPE positions start at each row's first real token, and attention never sees padding, so a padded
    row generates what its prompt generates alone.
 2. Prefill (one jitted call): images through the vision tower and abstractor, spliced at their slots,
@@ -74,7 +75,7 @@ class Generation:
 
 def bucket(n: int, *, minimum: int = 16, step: int = 256) -> int:
     """The padded size for n: the next power of two (at least `minimum`) up to `step`, then the next
-    multiple of `step`. Prompts of up to 2048 tokens use at most 11 sizes."""
+    multiple of `step`. With minimum 64, prompts of up to 2048 tokens use at most 10 sizes."""
     size = minimum
     while size < n and size < step:
         size *= 2
@@ -90,7 +91,7 @@ class Generator:
     architecture; a session compiles once per (batch, prompt, new-token) bucket and sampling mode."""
 
     def __init__(self, model: nnx.Module, tokenizer, *, tokens_per_image: int, image_size: int,
-                 eos_id: int | None = None, steps_per_call: int = 32, min_prompt_bucket: int = 16):
+                 eos_id: int | None = None, steps_per_call: int = 32, min_prompt_bucket: int = 64):
         model.eval()
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = tokenizer
@@ -156,7 +157,8 @@ class Generator:
         done = np.arange(b) >= len(prompts)
         carry = {"cache": cache, "logits": logits, "step": np.int32(0), "out": np.full((b, n), -1, np.int32),
                  "done": done, "seen": seen, "history": history, "pad": batch["pad"], "lengths": batch["lengths"]}
-        consts = {**s.arrays(), "eos": np.int32(self.eos_id if settings.stop_at_eos else -1),
+        eos = self.eos_id if settings.stop_at_eos else -1
+        consts = {**s.arrays(), "eos": np.int32(eos),
                   "seed": np.uint32(settings.seed), "vocab": np.int32(self.token_limit)}
         chunk = self.steps_per_call if settings.stop_strings else settings.max_new_tokens
         stopped = np.zeros(b, bool)
@@ -167,7 +169,7 @@ class Generator:
             step, out, done = int(carry["step"]), np.asarray(carry["out"]), np.array(carry["done"])
             if settings.stop_strings:
                 for i in np.flatnonzero(~done[:len(prompts)]):
-                    text = self.tokenizer.decode(_tokens(out[i], self.eos_id))
+                    text = self.tokenizer.decode(_tokens(out[i], eos))
                     if any(stop in text for stop in settings.stop_strings):
                         done[i] = stopped[i] = True
                 carry["done"] = done
@@ -295,6 +297,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the checkpoint's (file, folder or toy:VOCAB)")
     parser.add_argument("--lora", help="PEFT LoRA adapter directory to apply (Hugging Face directories)")
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights first")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="stack the layers of a Hugging Face directory's model (faster compiles for deep models)")
     parser.add_argument("--system-prompt", default=None,
                         help="system prompt of the conversation (default: the run's data.system_prompt, else the official one)")
 
@@ -317,14 +321,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="multi-turn chat on stdin (/image PATH adds an image, /reset starts over, /quit ends)")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
     missing = [path for path in args.image if not os.path.isfile(path)]
     if missing:  # before the (slow) model load
         print(f"error: image {missing[0]} not found", file=sys.stderr)
         return 2
     try:
         settings = settings_from_args(args)
+    except ValueError as e:  # an impossible sampling setting (SamplingParams says which)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
-                                    merge_lora=args.merge_lora)
+                                    merge_lora=args.merge_lora, scan_layers=args.scan_layers)
         chat = ChatSession.for_config(loaded.config, loaded.tokenizer, system=args.system_prompt)
         for path in args.image:
             chat.add_image(load_image(path, loaded))
@@ -332,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.interactive:
             return _interactive(chat, generator, settings, loaded)
         print(chat.answer(generator, args.prompt, settings))
-    except (LoadError, ChatError, ValueError) as e:
+    except (LoadError, ChatError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

@@ -96,36 +96,58 @@ def _adapter_lora(adapter: Path) -> LoRAConfig:
                       targets=[rf"language_model\..*\.({'|'.join(leaves)})$"])
 
 
-def _from_hf(path: Path, kind: str, lora: Path | None) -> tuple[Config, nnx.Module]:
+def _allocate(cfg: ModelConfig) -> nnx.Module:
+    """The model with zeroed parameters, for weights that are about to be loaded: no random initialisation
+    (minutes and a second copy of the weights for a 7B model). The loaders check that every parameter they
+    are responsible for is set; only the placeholder vision side of a text-only model stays zero."""
+    import jax
+    import numpy as np
+    from owl_jax.models.owl import build_model
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+
+    def zeros(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # dropout RNG keys (unused in eval mode)
+            return jax.random.wrap_key_data(np.zeros(x.shape + (2,), np.uint32))
+        return jax.device_put(np.zeros(x.shape, x.dtype))
+
+    return nnx.merge(graphdef, jax.tree.map(zeros, abstract))
+
+
+def _from_hf(path: Path, kind: str, lora: Path | None, scan_layers: bool) -> tuple[Config, nnx.Module]:
     from owl_jax.convert import io
     from owl_jax.convert.keymap import CheckpointMismatchError
     from owl_jax.convert.mplug_owl import (load_hf_llama, load_official, load_peft_lora, read_official_config,
                                            text_config_from_hf)
-    from owl_jax.models.owl import build_model
-    if kind == "mplug-owl":
-        model_cfg = read_official_config(path)
-    else:
-        text = text_config_from_hf(json.loads((path / "config.json").read_text()))
-        model_cfg = ModelConfig(vision=_PLACEHOLDER_VISION, abstractor=_PLACEHOLDER_ABSTRACTOR, text=text)
-    model_cfg = dataclasses.replace(model_cfg, lora=_adapter_lora(lora) if lora else LoRAConfig())
-    model = build_model(model_cfg)
+    from owl_jax.convert.state import StateMismatchError
+    try:
+        if kind == "mplug-owl":
+            model_cfg = read_official_config(path)
+        else:
+            text = text_config_from_hf(json.loads((path / "config.json").read_text()))
+            model_cfg = ModelConfig(vision=_PLACEHOLDER_VISION, abstractor=_PLACEHOLDER_ABSTRACTOR, text=text)
+    except (KeyError, TypeError, CheckpointMismatchError, io.WeightFileError) as e:
+        raise LoadError(f"{path / 'config.json'} is not a usable {kind} config ({type(e).__name__}: {e})") from None
+    model_cfg = dataclasses.replace(model_cfg, lora=_adapter_lora(lora) if lora else LoRAConfig(),
+                                    scan_layers=scan_layers)
+    model = _allocate(model_cfg)
     try:
         (load_official if kind == "mplug-owl" else load_hf_llama)(model, model_cfg, path)
         if lora:
             load_peft_lora(model, model_cfg, lora, layout=kind)
-    except (CheckpointMismatchError, io.WeightFileError) as e:
+    except (CheckpointMismatchError, StateMismatchError, io.WeightFileError) as e:
         raise LoadError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
     data = DataConfig(tokenizer=str(path), seq_len=model_cfg.text.max_position_embeddings)
     return Config(model=model_cfg, data=data), model
 
 
 def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None, lora: str | None = None,
-                       merge_lora: bool = False) -> Loaded:
+                       merge_lora: bool = False, scan_layers: bool = False) -> Loaded:
     """The model (eval mode) of a training run or HF directory; see the module docstring.
 
     `tokenizer` overrides the checkpoint's (e.g. `toy:512`); `lora` is a PEFT adapter directory for a HF
     directory (runs carry their own adapters); `merge_lora` folds every adapter into its kernel (in
-    float32) instead of applying it unmerged at each step.
+    float32) instead of applying it unmerged at each step. `scan_layers` stacks the layers of a model read
+    from a HF directory (one traced layer: faster compiles for deep models; runs keep their own layout).
     """
     kind = checkpoint_kind(path)
     lora_dir = Path(lora) if lora else None
@@ -142,7 +164,7 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None,
             raise LoadError(str(e).splitlines()[0]) from None
         tok = _tokenizer(tokenizer or cfg.data.tokenizer, str(path))
     else:
-        cfg, model = _from_hf(Path(path), kind, lora_dir)
+        cfg, model = _from_hf(Path(path), kind, lora_dir, scan_layers)
         tok = _tokenizer(tokenizer or path, str(path))
     if tokenizer:
         cfg.data.tokenizer = tokenizer

@@ -77,8 +77,8 @@ def banned_ngram_tokens(history: jax.Array, end: jax.Array | int, n: int, vocab_
     windows = jnp.stack([history[:, j:length - n + 1 + j] for j in range(n)], axis=-1)  # [B, W, n]
     starts = jnp.arange(length - n + 1)
     valid = jnp.all(windows >= 0, axis=-1) & (starts[None] + n <= end)
-    match = valid & jnp.all(windows[..., :n - 1] == last[:, None, :], axis=-1) & jnp.all(last >= 0, -1)[:, None]
-    match = match & (end >= n - 1)
+    prefix_ok = jnp.all(last >= 0, axis=-1)[:, None] & (end >= n - 1)
+    match = valid & prefix_ok & jnp.all(windows[..., :n - 1] == last[:, None, :], axis=-1)
     target = jnp.where(match, windows[..., n - 1], vocab_size)  # vocab_size: dropped by the scatter
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], target.shape)
     return jnp.zeros((b, vocab_size), bool).at[rows, target].set(True, mode="drop")
