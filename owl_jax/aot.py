@@ -19,16 +19,27 @@ import sys
 import time
 from typing import Sequence
 
-# The TPU runtime must not look for real TPU hardware or metadata servers when only describing one.
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-# Describing a topology does not own any TPU; let concurrent compiles (and test runs) share libtpu.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import contextlib
+
+from owl_jax.config import Config, ConfigError, load_config
+from owl_jax.sharding import MeshError
+
+# The TPU runtime must not look for real TPU hardware or metadata servers when only describing one, and
+# describing a topology owns no TPU (concurrent compiles and test runs may share libtpu). Set only while
+# libtpu loads: left in os.environ they would make every later subprocess look like a TPU-pod worker.
+_DESCRIBE_ONLY_ENV = {"TPU_ACCELERATOR_TYPE": "v5p-8", "TPU_WORKER_HOSTNAMES": "localhost",
+                      "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
-from owl_jax.config import Config, ConfigError, load_config  # noqa: E402
-from owl_jax.sharding import MeshError  # noqa: E402
+@contextlib.contextmanager
+def _describe_only_env():
+    added = {k: v for k, v in _DESCRIBE_ONLY_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +98,11 @@ def topology_devices(name: str, num_slices: int = 1):
     from jax.experimental import topologies
     chip, chips, libtpu_name = parse_topology(name)
     try:
-        topology = topologies.get_topology_desc(
-            platform="tpu", topology_name=libtpu_name,
-            chip_config_name="megacore" if chip.cores_per_chip_in_name == 2 else "default",
-            chips_per_host_bounds=(2, 2, 1), num_slices=num_slices, wrap=(False,) * 3)
+        with _describe_only_env():
+            topology = topologies.get_topology_desc(
+                platform="tpu", topology_name=libtpu_name,
+                chip_config_name="megacore" if chip.cores_per_chip_in_name == 2 else "default",
+                chips_per_host_bounds=(2, 2, 1), num_slices=num_slices, wrap=(False,) * 3)
     except Exception as e:  # libtpu missing or the topology unsupported
         raise TopologyError(f"cannot describe {name} ({libtpu_name}): {e}. Is the `tpu` extra (libtpu) "
                             f"installed?") from e

@@ -587,7 +587,7 @@ def load_run(path: str | os.PathLike, *, mesh=None):
         cfg = config_from_dict(meta["config"])
         if mesh is None:
             cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data = 1, 1, 1, 1
-            mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+            mesh = make_mesh(cfg.mesh, jax.local_devices()[:1])  # this process's own device, on every host
         graphdef, abstract_state, shardings, _, _ = abstract_train_state(cfg, mesh)
         state, _, _ = store.restore(step, abstract_state=abstract_state, shardings=shardings, config=None)
         tokenizer_dir = store.tokenizer_dir(step)

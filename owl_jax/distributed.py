@@ -132,6 +132,12 @@ def on_tpu_vm() -> bool:
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
 
 
+def _several(hosts: str | None) -> bool:
+    """A comma-separated host list naming more than one host (a single-host TPU, or a tool describing
+    one, sets TPU_WORKER_HOSTNAMES=localhost: one process, nothing to join)."""
+    return bool(hosts) and len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
 def resolve(env: Mapping[str, str], *, tpu_vm: Callable[[], bool] = on_tpu_vm) -> DistributedSpec | None:
     """Decide from the environment how (and whether) to call `jax.distributed.initialize`.
 
@@ -159,7 +165,8 @@ def resolve(env: Mapping[str, str], *, tpu_vm: Callable[[], bool] = on_tpu_vm) -
             return DistributedSpec("slurm", local_device_ids=_device_ids(env), cluster_detection_method="slurm",
                                    **timeouts)
         return None
-    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    if _several(env.get("TPU_WORKER_HOSTNAMES")) or _several(env.get("TPU_PROCESS_ADDRESSES")) \
+            or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return DistributedSpec("gketpu" if env.get("KUBERNETES_SERVICE_HOST") else "tpu", **timeouts)
     if tpu_vm():
         # GCE TPU VM: jax reads the worker list from the metadata server (one host -> one process, harmless).

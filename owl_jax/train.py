@@ -141,7 +141,19 @@ def run(cfg: Config) -> dict:
 
     pipeline = make_pipeline(cfg, tokenizer, state=data_state)
     stream = batches(pipeline, mesh, keys)
-    signal_handler = install_sigterm_handler()
+    # One process: our handler turns SIGTERM/SIGINT into a flag. Several: hosts receive the notice at
+    # different steps, and one host saving (a collective) while the others step would deadlock; jax's
+    # preemption service (on with jax.distributed) propagates the notice and names one safe step that
+    # every host reaches, so the signals stay with it (a Ctrl-C on one host must not make it alone save).
+    multi_process = jax.process_count() > 1
+    signal_handler = None if multi_process else install_sigterm_handler()
+
+    def preempted(at_step: int) -> bool:
+        if multi_process:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(at_step)
+        return signal_handler.requested
+
     step, last_metrics, nonfinite_run = start_step, {}, 0
     started, window_start, window_step = time.time(), time.time(), start_step
     images_per_step = cfg.data.images_per_batch if "pixel_values" in keys else 0
@@ -183,7 +195,7 @@ def run(cfg: Config) -> dict:
                     ev = evaluate(cfg, trainer, tokenizer, mesh, keys)
                     writer.write(step, ev, prefix="eval")
                     _print(f"step {step}: eval loss {ev['loss']:.4f} over {ev['tokens']:.0f} tokens")
-                if signal_handler.requested:
+                if preempted(step):
                     _print(f"preemption signal: checkpointing step {step} and exiting")
                     save(force=True)
                     break
@@ -193,7 +205,8 @@ def run(cfg: Config) -> dict:
                 save(force=True)
         store.wait()
     finally:
-        signal_handler.uninstall()
+        if signal_handler is not None:
+            signal_handler.uninstall()
         if hasattr(pipeline, "close"):
             pipeline.close()
         store.close()

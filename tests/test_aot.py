@@ -1,6 +1,8 @@
 """The AOT tool: topology names, a real compile of the tiny recipe for a TPU topology (libtpu describes
 it; no TPU needed), memory and FLOP reporting, and XLA's out-of-memory error surfaced as exit code 1."""
 
+import os
+
 import pytest
 
 pytest.importorskip("libtpu", reason="the `tpu` extra (libtpu) describes TPU topologies")
@@ -70,3 +72,13 @@ def test_multi_slice_mesh_puts_data_across_slices():
 def test_slices_must_match_dcn_data(capsys):
     assert aot.main(["--config", "configs/tiny_test.yaml", "--topology", "v5e-4", "--slices", "2"]) == 2
     assert "mesh.dcn_data" in capsys.readouterr().err
+
+
+def test_describing_a_topology_leaves_the_environment_alone(monkeypatch):
+    """The describe-only TPU variables are set while libtpu loads, not left for subprocesses to inherit
+    (they would make a later train CLI believe it is a TPU-pod worker)."""
+    from owl_jax.aot import _DESCRIBE_ONLY_ENV, topology_devices
+    for key in _DESCRIBE_ONLY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    topology_devices("v5e-8")
+    assert not [k for k in _DESCRIBE_ONLY_ENV if k in os.environ]

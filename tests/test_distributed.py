@@ -113,3 +113,9 @@ def test_this_machine_is_not_a_tpu_vm_and_describe():
     assert describe(None, 0, 1) == "single process"
     spec = resolve(dict(SLURM), tpu_vm=NO_TPU)
     assert describe(spec, 9, 32) == "process 9/32 (jax.distributed via slurm)"
+
+
+def test_a_single_tpu_host_list_is_one_process():
+    """TPU_WORKER_HOSTNAMES=localhost (a single-host TPU, or a tool describing one) joins nothing."""
+    assert resolve({"TPU_WORKER_HOSTNAMES": "localhost"}, tpu_vm=lambda: False) is None
+    assert resolve({"TPU_WORKER_HOSTNAMES": "a,b"}, tpu_vm=lambda: False) is not None

@@ -108,12 +108,13 @@ def test_tpu_pod_create_and_skip_setup():
 
 @pytest.fixture
 def fake_cloud(tmp_path, monkeypatch):
-    """`gcloud` that records each argv (one JSON list a line) and answers `describe` with an IP."""
+    """`gcloud` that records each argv (one JSON list a line, in one O_APPEND write: the slices of a
+    multi-slice launch call it concurrently) and answers `describe` with an IP."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "gcloud_calls.jsonl"
     _script(bin_dir / "gcloud", f"""\
-        {sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> {record}
+        {sys.executable} -c 'import json, os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT); os.write(fd, (json.dumps(sys.argv[2:]) + "\\n").encode())' {record} "$@"
         case "$*" in *describe*) echo 10.1.2.3;; esac
         """)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")

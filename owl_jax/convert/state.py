@@ -119,8 +119,13 @@ def _set_keeping_placement(var: nnx.Variable, value) -> None:
     """Replace a variable's value, cast to its dtype and placed with its current sharding (values may come
     from the host or from another device set, e.g. a checkpoint restored onto one device)."""
     current = var.get_value()
-    new = jnp.asarray(np.asarray(value), dtype=current.dtype)
     sharding = getattr(current, "sharding", None)
+    if sharding is not None and not sharding.is_fully_addressable:
+        # Multi-process: every process holds the full host value and builds only its own shards.
+        host = np.asarray(value).astype(current.dtype)
+        var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
+        return
+    new = jnp.asarray(np.asarray(value), dtype=current.dtype)
     if sharding is not None:
         new = jax.device_put(new, sharding)
     var.set_value(new)

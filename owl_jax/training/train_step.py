@@ -222,10 +222,11 @@ def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_st
     seed = cfg.training.seed if seed is None else seed
     graphdef, abstract_state, shardings, schedule, init = abstract_train_state(cfg, mesh, total_steps=total_steps,
                                                                                seed=seed)
-    if _state_bytes(abstract_state) <= EAGER_INIT_MAX_BYTES:
+    if _state_bytes(abstract_state) <= EAGER_INIT_MAX_BYTES and jax.process_count() == 1:
         # Eager ops are cached per shape across builds; placing afterwards keeps that cache warm. Placed
         # from host copies: resharding device arrays compiles a transfer per parameter shape (~4.5 s for
-        # the tiny test model on 8 CPU devices, vs 0.04 s from numpy).
+        # the tiny test model on 8 CPU devices, vs 0.04 s from numpy). Several processes cannot place host
+        # arrays on devices they do not own: they initialise under jit, each computing its own shards.
         state = jax.device_put(jax.tree.map(_host_copy, nnx.state(init())), shardings)
     else:
         with jax.set_mesh(mesh):
