@@ -20,6 +20,8 @@ import functools
 import os
 import tarfile
 
+from data_pipelines.shards import ShardError, read_member
+
 TAR_SUFFIX = ".tar"
 
 
@@ -83,10 +85,7 @@ def read_image_bytes(path: str) -> bytes:
     where = tar_members(tar_path).get(member)
     if where is None:
         raise FileNotFoundError(f"{tar_path} has no member {member!r}")
-    offset, size = where
-    with open(tar_path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{tar_path}: short read of {member!r} (truncated tar?)")
-    return data
+    try:
+        return read_member(tar_path, *where)
+    except ShardError as e:  # callers count OSErrors as unreadable images
+        raise OSError(f"{e}: member {member!r} (truncated tar?)") from None

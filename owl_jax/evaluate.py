@@ -42,15 +42,16 @@ from owl_jax.config import Config
 
 
 def _choice_batch(cfg: Config, tokenizer, question: str, choices: Sequence[str], pixels: np.ndarray | None):
-    from data_pipelines.conversation import SYSTEM_PROMPT, make_conversation
+    from data_pipelines.conversation import make_conversation
     from data_pipelines.packing import pad_batch
     from data_pipelines.tokenize import to_training_sample
+    from owl_jax.chat import system_prompt
     from owl_jax.models.splice import plan_image_slots
     tpi = cfg.model.tokens_per_image
+    system = system_prompt(cfg)
     samples = []
     for choice in choices:
         turns = ([("human", "<image>")] if pixels is not None else []) + [("human", question), ("ai", choice)]
-        system = SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt
         conv = make_conversation(turns, images=["image"] if pixels is not None else [], system=system)
         samples.append(to_training_sample(conv, tokenizer, cfg.data.seq_len, tpi, images=conv.images))
     packed = pad_batch(samples, cfg.data.seq_len, pad_id=tokenizer.pad_id)

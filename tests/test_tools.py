@@ -51,6 +51,16 @@ def caption_rows(names):
     return rows + bad
 
 
+def write_caption_csv(table, names, extra: str = ""):
+    """`caption_rows` as a csv table (header file_name, caption, license), then `extra` raw text."""
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, ["file_name", "caption", "license"])
+        w.writeheader()
+        w.writerows(caption_rows(names))
+        f.write(extra)
+    return table
+
+
 EXPECTED_SKIPS = {"missing_image": 1, "corrupt_image": 1, "empty_caption": 1, "no_image_name": 1}
 
 
@@ -97,12 +107,7 @@ def check_captions(out_dir, names, capsys=None):
 
 def test_caption_shards_from_csv_round_trip(picture_dir, capsys):
     root, names = picture_dir
-    table = root / "captions.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, ["file_name", "caption", "license"])
-        w.writeheader()
-        w.writerows(caption_rows(names))
-        f.write("c001.jpg\n")  # a short row: no caption at all
+    table = write_caption_csv(root / "captions.csv", names, "c001.jpg\n")  # a short row: no caption at all
     rc = make_shards.main(["captions", "--images", str(root / "img"), "--captions", str(table), "--out",
                            str(root / "out"), "--samples-per-shard", "4", "--quiet"])
     assert rc == 0
@@ -142,11 +147,7 @@ def test_caption_shards_from_parquet(picture_dir):
 
 def test_unknown_column_and_skip_limit_are_errors(picture_dir, capsys):
     root, names = picture_dir
-    table = root / "captions.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, ["file_name", "caption", "license"])
-        w.writeheader()
-        w.writerows(caption_rows(names))
+    table = write_caption_csv(root / "captions.csv", names)
     args = ["captions", "--images", str(root / "img"), "--captions", str(table), "--out", str(root / "out"),
             "--quiet"]
     assert make_shards.main([*args, "--caption-column", "alt_text"]) == 1

@@ -24,7 +24,7 @@ def _scanned_stack_prefixes(model: nnx.Module) -> list[str]:
             if isinstance(node, LayerStack) and node.scan]
 
 
-def _layout(model: nnx.Module) -> list[tuple[nnx.Variable, list[str] | None, str]]:
+def parameter_layout(model: nnx.Module) -> list[tuple[nnx.Variable, list[str] | None, str]]:
     """(variable, canonical names of its layer slices or None, canonical name) per Param/LoRAParam.
 
     For a scanned stack's variable the list names layer i's slice `value[i]`; otherwise it is None and
@@ -46,7 +46,7 @@ def _layout(model: nnx.Module) -> list[tuple[nnx.Variable, list[str] | None, str
 def canonical_params(model: nnx.Module) -> dict[str, jax.Array]:
     """Canonical dotted path -> array (stacked layers split into per-layer entries)."""
     out = {}
-    for var, per_layer, name in _layout(model):
+    for var, per_layer, name in parameter_layout(model):
         value = var[...]
         if per_layer is None:
             out[name] = value
@@ -58,7 +58,7 @@ def canonical_params(model: nnx.Module) -> dict[str, jax.Array]:
 def canonical_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], object]]:
     """Canonical dotted path -> (shape, dtype) without touching values (works on abstract models)."""
     out = {}
-    for var, per_layer, name in _layout(model):
+    for var, per_layer, name in parameter_layout(model):
         shape, dtype = tuple(var.shape), var.dtype
         if per_layer is None:
             out[name] = (shape, dtype)
@@ -69,12 +69,6 @@ def canonical_shapes(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], obje
 
 class StateMismatchError(ValueError):
     """Tensors given for a model do not match its parameters."""
-
-
-def parameter_layout(model: nnx.Module) -> list[tuple[nnx.Variable, list[str] | None, str]]:
-    """(variable, canonical names of its layer slices or None, canonical name) for every Param/LoRAParam,
-    for code that fills a model variable by variable (streaming import); see `_layout`."""
-    return _layout(model)
 
 
 def check_shapes(model: nnx.Module, shapes: dict[str, tuple[int, ...]], *,
@@ -107,7 +101,7 @@ def assign_canonical_params(model: nnx.Module, params: dict[str, np.ndarray | ja
     wrong checkpoint never half-loads.
     """
     expected = check_shapes(model, {k: tuple(np.shape(v)) for k, v in params.items()}, include=include)
-    for var, per_layer, name in _layout(model):
+    for var, per_layer, name in parameter_layout(model):
         if per_layer is None:
             if name in expected:
                 _set_keeping_placement(var, params[name])
@@ -115,17 +109,16 @@ def assign_canonical_params(model: nnx.Module, params: dict[str, np.ndarray | ja
             _set_keeping_placement(var, np.stack([np.asarray(params[k]) for k in per_layer]))
 
 
+def place_on(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array placed with `sharding`: each process builds only its own shards, so this works for
+    shardings over devices of several processes as well as for one process."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def _set_keeping_placement(var: nnx.Variable, value) -> None:
     """Replace a variable's value, cast to its dtype and placed with its current sharding (values may come
     from the host or from another device set, e.g. a checkpoint restored onto one device)."""
     current = var.get_value()
+    host = np.asarray(value).astype(current.dtype)
     sharding = getattr(current, "sharding", None)
-    if sharding is not None and not sharding.is_fully_addressable:
-        # Multi-process: every process holds the full host value and builds only its own shards.
-        host = np.asarray(value).astype(current.dtype)
-        var.set_value(jax.make_array_from_callback(host.shape, sharding, lambda index: host[index]))
-        return
-    new = jnp.asarray(np.asarray(value), dtype=current.dtype)
-    if sharding is not None:
-        new = jax.device_put(new, sharding)
-    var.set_value(new)
+    var.set_value(jnp.asarray(host) if sharding is None else place_on(host, sharding))

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 from owl_jax.convert.keymap import (CheckpointMismatchError, TensorRule, _listing, check_keys,
                                     transformed_shape)
 from owl_jax.convert.sources import TensorSource
-from owl_jax.convert.state import check_shapes, parameter_layout
+from owl_jax.convert.state import check_shapes, parameter_layout, place_on
 
 
 def stream_params(model: nnx.Module, source: TensorSource, rules: list[TensorRule], *,
@@ -60,7 +60,7 @@ def stream_params(model: nnx.Module, source: TensorSource, rules: list[TensorRul
         if per_layer is None:
             if name in rule_of:
                 sharding = _sharding_of(var.get_value())
-                var.set_value(jax.block_until_ready(_place(_host_value(source, rule_of[name], var.dtype), sharding)))
+                var.set_value(jax.block_until_ready(place_on(_host_value(source, rule_of[name], var.dtype), sharding)))
                 count += 1
         elif per_layer[0] in rule_of:
             stacked = var.get_value()
@@ -71,7 +71,7 @@ def stream_params(model: nnx.Module, source: TensorSource, rules: list[TensorRul
             update = _layer_update(stacked.sharding)
             layer_sharding = _drop_leading_axis(stacked.sharding)
             for i, key in enumerate(per_layer):
-                value = _place(_host_value(source, rule_of[key], var.dtype), layer_sharding)
+                value = place_on(_host_value(source, rule_of[key], var.dtype), layer_sharding)
                 # wait for each layer: asynchronous dispatch would otherwise queue the host copies of many
                 stacked = jax.block_until_ready(update(stacked, value, np.int32(i)))
                 count += 1
@@ -89,10 +89,6 @@ def _host_value(source: TensorSource, rule: TensorRule, dtype) -> np.ndarray:
 def _sharding_of(value) -> Sharding:
     sharding = getattr(value, "sharding", None)
     return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def _place(value: np.ndarray, sharding: Sharding) -> jax.Array:
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _drop_leading_axis(sharding: Sharding) -> Sharding:
