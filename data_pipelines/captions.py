@@ -5,6 +5,13 @@ worker processes (`multiprocessing` spawn pool, ordered results, `prefetch` samp
 captions with the caption template, skip and count bad samples, and emit batches of `rows` rows ×
 `seq_len` tokens with a fixed image budget. The iterator state (`state()`) covers exactly the samples
 returned so far, so restoring it replays the same batches even though workers decode ahead.
+
+With `packing`, several caption samples share a row (first fit; segment ids, restarting positions: see
+`packing.py`), each bringing its image, until a sample fits in no row whose micro-batch still has an
+image slot. A caption sample is ~90 tokens (64 visual + ~25 text) of a 512-token row, so padding wastes
+~80% of the frozen LLM's compute, which is most of stage 1's (DESIGN.md §5). The sample that did not fit
+opens the next batch; it is always the next sample of this process's order, so the saved state is simply
+the state from before it (restoring re-reads it) and resume stays exact.
 """
 
 from __future__ import annotations
@@ -147,7 +154,8 @@ class CaptionPipeline:
                  num_workers: int = 0,
                  prefetch: int = 64, process_index: int = 0, num_processes: int = 1,
                  micro_batches: int = 1, max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
-                 cache_dir: str | None = None, epochs: Optional[int] = None, state: dict | None = None):
+                 cache_dir: str | None = None, epochs: Optional[int] = None, packing: bool = False,
+                 state: dict | None = None):
         self.sources = expand_sources(sources)
         if not self.sources:
             raise DataError(f"no shards match {sources!r}")
@@ -160,6 +168,12 @@ class CaptionPipeline:
         self.hflip = hflip
         self.num_workers, self.prefetch, self.max_pixels = num_workers, prefetch, max_pixels
         self.max_skip_fraction, self.cache_dir, self.epochs = max_skip_fraction, cache_dir, epochs
+        self.packing = packing
+        # packing: the decoded sample that did not fit the last batch, and the state from before it
+        self._held: tuple | None = None
+        self._held_state: dict | None = None
+        self._state_before_usable: dict | None = None
+        self.last_batch: list[tuple[str, int, int]] = []  # (sample key, row, segment) of the last batch
         self.captions = CaptionTokenizer(tokenizer, template, tokens_per_image)
         self.pad_id = tokenizer.pad_id
         self._state = (StreamState.from_json(state) if state is not None
@@ -259,6 +273,8 @@ class CaptionPipeline:
                 position, key, pixels, caption, reason, detail = next(self._results)
             except StopIteration:
                 raise StopIteration from None
+            if reason is None and self.packing:
+                self._state_before_usable = self._state.to_json()
             self._advance(position)
             if position[0] > self._last_good_epoch + 1:
                 raise DataError(f"a whole epoch without one usable sample ({dict(self._state.skipped)})")
@@ -276,23 +292,80 @@ class CaptionPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.packing:
+            return self._packed_batch()
         from owl_jax.models.splice import plan_micro_batched_slots
         rows, t = self.rows, self.seq_len
         tokens = np.full((rows, t), self.pad_id, np.int64)
         weighted = np.zeros((rows, t), bool)
         segment_ids = np.zeros((rows, t), np.int32)
-        # np.empty: every row is written below (an image or zeros); np.zeros would make the kernel zero
-        # fresh pages for each batch first.
-        pixels = np.empty((self.image_budget, self.image_size, self.image_size, 3), np.float32)
         images = []
+        self.last_batch = []
         for r in range(rows):
-            _, px, tok, w = self._next_usable()
+            key, px, tok, w = self._next_usable()
             tokens[r, :len(tok)], weighted[r, :len(tok)], segment_ids[r, :len(tok)] = tok, w, 1
             images.append(px)
+            self.last_batch.append((key, r, 1))
         index, pixel_row = plan_micro_batched_slots(tokens, np.ones(rows, np.int64),
                                                     tokens_per_image=self.tokens_per_image,
                                                     image_budget=self.image_budget,
                                                     num_micro_batches=self.micro_batches)
+        targets = np.concatenate([tokens[:, 1:], np.full((rows, 1), self.pad_id)], axis=1)
+        # Loss at position i predicts token i+1: weighted where the *next* token is a caption/EOS token.
+        loss_mask = np.concatenate([weighted[:, 1:], np.zeros((rows, 1), bool)], axis=1)
+        positions_ = np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy()
+        return self._finish({"tokens": tokens, "targets": targets, "loss_mask": loss_mask, "positions": positions_,
+                             "segment_ids": segment_ids}, images, index, pixel_row)
+
+    def _packed_batch(self) -> dict[str, np.ndarray]:
+        """First-fit packing under the per-micro-batch image budget (module docstring)."""
+        from data_pipelines.packing import assemble
+        from owl_jax.models.splice import plan_micro_batched_slots
+        rows, k = self.rows, self.micro_batches
+        slots_per_micro_batch = self.image_budget // k
+        free, images_in = [self.seq_len] * rows, [0] * k
+        rows_of: list[list[int]] = [[] for _ in range(rows)]
+        samples: list[dict] = []
+        keys: list[str] = []
+        while True:
+            if self._held is not None:
+                sample, self._held, self._held_state = self._held, None, None
+            else:
+                try:
+                    sample = self._next_usable()
+                except StopIteration:
+                    if samples:
+                        break
+                    raise
+            key, px, tok, w = sample
+            row = next((r for r in range(rows) if free[r] >= len(tok) and images_in[r % k] < slots_per_micro_batch),
+                       None)
+            if row is None:
+                if not samples:
+                    raise DataError(f"a caption sample of {len(tok)} tokens fits in no row of {self.seq_len}")
+                self._held, self._held_state = sample, self._state_before_usable
+                break
+            free[row] -= len(tok)
+            images_in[row % k] += 1
+            rows_of[row].append(len(samples))
+            keys.append(key)
+            # targets[i] = tokens[i+1] of the same sample; `assemble` blanks each segment's last position
+            samples.append({"tokens": tok, "targets": np.append(tok[1:], self.pad_id),
+                            "loss_mask": np.append(w[1:], False), "images": [px]})
+        batch = assemble(samples, rows_of, self.seq_len, self.pad_id, [])
+        index, pixel_row = plan_micro_batched_slots(batch.arrays["tokens"], batch.num_images,
+                                                    tokens_per_image=self.tokens_per_image,
+                                                    image_budget=self.image_budget, num_micro_batches=k)
+        self.last_batch = [(keys[i], row, seg) for i, (row, _, seg) in enumerate(batch.placement)]
+        return self._finish(batch.arrays, batch.images, index, pixel_row)
+
+    def _finish(self, arrays: dict[str, np.ndarray], images: list, index: np.ndarray,
+                pixel_row: np.ndarray) -> dict[str, np.ndarray]:
+        """Normalised pixels in their planned rows, visual-token numbering over the global micro-batch,
+        and the batch dtypes."""
+        # np.empty: every row is written below (an image or zeros); np.zeros would make the kernel zero
+        # fresh pages for each batch first.
+        pixels = np.empty((self.image_budget, self.image_size, self.image_size, 3), np.float32)
         for image, row in zip(images, pixel_row):  # normalised in place: no temporary per image
             image_ops.clip_normalize(image, out=pixels[row])
         pixels[np.setdiff1d(np.arange(self.image_budget), pixel_row)] = 0.0  # unused image slots
@@ -300,19 +373,17 @@ class CaptionPipeline:
         # the processes before it (see plan_micro_batched_slots and the train step).
         offset = self._state.process_index * (self.image_budget // self.micro_batches) * self.tokens_per_image
         index = np.where(index >= 0, index + offset, -1).astype(np.int32)
-        targets = np.concatenate([tokens[:, 1:], np.full((rows, 1), self.pad_id)], axis=1)
-        # Loss at position i predicts token i+1: weighted where the *next* token is a caption/EOS token.
-        loss_mask = np.concatenate([weighted[:, 1:], np.zeros((rows, 1), bool)], axis=1)
-        positions_ = np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy()
-        return {"tokens": tokens.astype(np.int32),  # image slots stay negative (the model embeds them as 0)
-                "targets": np.maximum(targets, 0).astype(np.int32), "loss_mask": loss_mask,
-                "positions": positions_, "segment_ids": segment_ids, "pixel_values": pixels,
+        return {"tokens": arrays["tokens"].astype(np.int32),  # image slots stay negative (embedded as 0)
+                "targets": np.maximum(arrays["targets"], 0).astype(np.int32),
+                "loss_mask": arrays["loss_mask"].astype(bool), "positions": arrays["positions"].astype(np.int32),
+                "segment_ids": arrays["segment_ids"].astype(np.int32), "pixel_values": pixels,
                 "image_index": index}
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
-        """JSON-serialisable state covering exactly the samples returned so far."""
-        return self._state.to_json()
+        """JSON-serialisable state covering exactly the samples returned so far (a sample held over for
+        the next packed batch is not returned yet: the state is from before it)."""
+        return dict(self._held_state) if self._held is not None else self._state.to_json()
 
     def remap_states(self, states: list[dict], num_processes: int | None = None) -> list[dict]:
         """Saved states of an old process count -> states for `num_processes` (default: this pipeline's)."""

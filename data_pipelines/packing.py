@@ -56,8 +56,10 @@ def _length(sample: Any, seq_len: int, index: int) -> int:
     return n
 
 
-def _assemble(samples: Sequence[Any], rows_of: list[list[int]], seq_len: int, pad_id: int,
-              leftover: list[int]) -> PackedBatch:
+def assemble(samples: Sequence[Any], rows_of: list[list[int]], seq_len: int, pad_id: int,
+             leftover: list[int]) -> PackedBatch:
+    """The batch with `samples[i]` for i in `rows_of[r]` packed into row r in that order (for callers that
+    place samples under constraints of their own, e.g. an image budget per micro-batch)."""
     rows = len(rows_of)
     out = {"tokens": np.full((rows, seq_len), pad_id, np.int32),
            "targets": np.full((rows, seq_len), pad_id, np.int32),
@@ -98,7 +100,7 @@ def pad_batch(samples: Sequence[Any], seq_len: int, *, rows: Optional[int] = Non
         raise ValueError(f"{len(samples)} samples do not fit in {rows} rows")
     for i, s in enumerate(samples):
         _length(s, seq_len, i)
-    return _assemble(samples, [[i] for i in range(len(samples))] + [[] for _ in range(rows - len(samples))],
+    return assemble(samples, [[i] for i in range(len(samples))] + [[] for _ in range(rows - len(samples))],
                      seq_len, pad_id, [])
 
 
@@ -118,4 +120,4 @@ def pack_batch(samples: Sequence[Any], seq_len: int, rows: int, *, pad_id: int =
                 break
         else:
             leftover.append(i)
-    return _assemble(samples, rows_of, seq_len, pad_id, leftover)
+    return assemble(samples, rows_of, seq_len, pad_id, leftover)

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import contextlib
 
+from owl_jax import chips
 from owl_jax.config import Config, ConfigError, load_config
 from owl_jax.sharding import MeshError
 
@@ -51,12 +52,15 @@ class TpuChip:
     dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
 
 
-# DESIGN.md §5.
+def _tpu(generation: str, spec: chips.ChipSpec, cores_in_name: int, dims: int) -> TpuChip:
+    return TpuChip(generation, spec.hbm_bytes, spec.peak_bf16_flops, cores_in_name, dims)
+
+
 CHIPS = {
-    "v4": TpuChip("v4", 32 * 2**30, 275e12, 2, 3),
-    "v5p": TpuChip("v5p", 95 * 10**9, 459e12, 2, 3),
-    "v5e": TpuChip("v5e", 16 * 10**9, 197e12, 1, 2),
-    "v6e": TpuChip("v6e", 32 * 10**9, 918e12, 1, 2),
+    "v4": _tpu("v4", chips.TPU_V4, 2, 3),
+    "v5p": _tpu("v5p", chips.TPU_V5P, 2, 3),
+    "v5e": _tpu("v5e", chips.TPU_V5E, 1, 2),
+    "v6e": _tpu("v6e", chips.TPU_V6E, 1, 2),
 }
 _LIBTPU_NAMES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
 

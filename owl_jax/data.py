@@ -39,7 +39,7 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
         return CaptionPipeline(paths, image_budget=budget, template=data.caption_template, shuffle=data.shuffle and train,
                                shuffle_shards=data.shuffle_shards, train=train and data.augment, hflip=data.hflip,
                                num_workers=data.num_workers if train else 0, prefetch=data.prefetch,
-                               cache_dir=data.cache_dir or None, **common)
+                               cache_dir=data.cache_dir or None, packing=data.packing, **common)
     if data.kind in ("instructions", "text"):
         from data_pipelines.instructions import InstructionPipeline, InstructionSource
         sources = data.sources if train else data.eval_sources

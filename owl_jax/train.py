@@ -22,7 +22,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from owl_jax.chips import mfu
 from owl_jax.config import Config, ConfigError, dump_config, load_config
+from owl_jax.flops import step_flops
 
 log = logging.getLogger("owl_jax.train")
 
@@ -157,6 +159,9 @@ def run(cfg: Config) -> dict:
     step, last_metrics, nonfinite_run = start_step, {}, 0
     started, window_start, window_step = time.time(), time.time(), start_step
     images_per_step = cfg.data.images_per_batch if "pixel_values" in keys else 0
+    model_flops_per_step = step_flops(cfg.model, t_cfg.stage, tokens=cfg.data.global_batch_size * cfg.data.seq_len,
+                                      seq_len=cfg.data.seq_len, images=images_per_step).total
+    device_kind = jax.devices()[0].device_kind
 
     def save(force: bool = False) -> None:
         store.save(step, trainer.state, data_state=pipeline.state(), extra={"metrics": last_metrics}, force=force)
@@ -184,12 +189,19 @@ def run(cfg: Config) -> dict:
                     values["tokens_per_s"] = values["tokens"] * steps_in_window / max(elapsed, 1e-9)
                     values["images_per_s"] = images_per_step * steps_in_window / max(elapsed, 1e-9)
                     values["step_compiles"] = compiles["jit(step)"]
+                    flops_per_s = model_flops_per_step * steps_in_window / max(elapsed, 1e-9)
+                    values["model_tflops_per_s"] = flops_per_s / 1e12
+                    utilisation = mfu(flops_per_s, device_kind, jax.device_count())
+                    if utilisation is not None:  # unknown chips (CPU included) report none
+                        values["mfu"] = utilisation
                     writer.write(step, values)
                     eta = (t_cfg.steps - step) * elapsed / max(steps_in_window, 1)
                     if cfg.logging.progress:
                         _print(f"step {step}/{t_cfg.steps} loss {values['loss']:.4f} lr {values['learning_rate']:.2e} "
                                f"grad_norm {values['grad_norm']:.3f} tokens/s {values['tokens_per_s']:.0f} "
-                               f"images/s {values['images_per_s']:.1f} ETA {_format_eta(eta)}")
+                               f"images/s {values['images_per_s']:.1f} "
+                               + (f"MFU {100 * values['mfu']:.1f}% " if "mfu" in values else "")
+                               + f"ETA {_format_eta(eta)}")
                     last_metrics, window_start, window_step = values, time.time(), step
                 if t_cfg.eval_every and step % t_cfg.eval_every == 0 and (cfg.data.eval_paths or cfg.data.eval_sources):
                     ev = evaluate(cfg, trainer, tokenizer, mesh, keys)

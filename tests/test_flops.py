@@ -31,3 +31,25 @@ def test_compiled_step_flops_match_the_analytic_count(stage):
     analytic = step_flops(cfg.model, stage, tokens=ROWS * SEQ, seq_len=SEQ, images=images, causal_halving=False)
     ratio = compiled_flops(compiled) / analytic.total
     assert 0.97 < ratio < 1.05, f"{stage}: compiled/analytic = {ratio:.4f} ({analytic})"
+
+
+@pytest.mark.parametrize("kind, peak", [("TPU v4", 275e12), ("TPU v5", 459e12), ("TPU v5 lite", 197e12),
+                                        ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_known_chips_have_their_peak(kind, peak):
+    from owl_jax.chips import chip_spec, mfu
+    assert chip_spec(kind).peak_bf16_flops == peak
+    assert mfu(peak * 8 * 0.4, kind, 8) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kind", ["cpu", "NVIDIA GeForce RTX 4090", "TPU v7x"])
+def test_unknown_chips_report_no_mfu(kind):
+    from owl_jax.chips import mfu
+    assert mfu(1e12, kind, 1) is None
+
+
+def test_tpu_topologies_use_the_chip_table():
+    from owl_jax import aot, chips
+    assert aot.CHIPS["v5e"].peak_bf16_flops == chips.TPU_V5E.peak_bf16_flops
+    assert aot.CHIPS["v6e"].hbm_bytes == chips.TPU_V6E.hbm_bytes

@@ -83,6 +83,9 @@ def test_kill_9_then_rerun_reproduces_the_uninterrupted_run(tmp_path, shards):
     subprocess.run(command(reference, shards, steps), cwd=ROOT, env=env(), check=True, capture_output=True)
     expected = losses(reference)
     assert sorted(expected) == list(range(1, steps + 1))
+    with open(reference / "metrics.jsonl") as f:
+        rows = [r for r in map(json.loads, f) if "loss" in r]
+    assert all(r["model_tflops_per_s"] > 0 and "mfu" not in r for r in rows)  # CPU: no peak, no MFU
 
     run = tmp_path / "interrupted"
     kill_at = random.Random().randint(3, 6)
