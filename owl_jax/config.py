@@ -287,6 +287,9 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: str = ""  # set to log to Weights & Biases (needs `pip install wandb`)
     wandb_run_name: str = ""
+    # Every process records the samples of each step in <output_dir>/samples/process-<i>.jsonl (an audit
+    # of what the run trained on: no sample twice or skipped across preemptions and process-count changes).
+    sample_log: bool = False
 
 
 @dataclass

@@ -60,3 +60,51 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class SampleLog:
+    """Per-process record of the samples each step trained on: `samples/process-<i>.jsonl`, one line
+    `{"step": s, "samples": [key, ...]}` per step. Keys are the caption shards' `__key__`s, or
+    `source:record` for instruction sources."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, process_index: int, process_count: int):
+        self.enabled = enabled
+        self.directory = os.path.join(run_dir, "samples")
+        self.path = os.path.join(self.directory, f"process-{process_index}.jsonl")
+        self.process_index, self.process_count = process_index, process_count
+        if enabled:
+            os.makedirs(self.directory, exist_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop steps past the checkpoint from this process's file, and (process 0) from the
+        files of processes that no longer exist (the run resumed on fewer processes)."""
+        if not self.enabled:
+            return
+        paths = [self.path]
+        if self.process_index == 0:
+            for name in os.listdir(self.directory):
+                index = name.removeprefix("process-").removesuffix(".jsonl")
+                if index.isdigit() and int(index) >= self.process_count:
+                    paths.append(os.path.join(self.directory, name))
+        for path in paths:
+            if os.path.exists(path):
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                with open(path, "w") as f:
+                    f.writelines(keep)
+
+    def write(self, step: int, keys: list[str]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "samples": keys}) + "\n")
+
+
+def batch_sample_keys(pipeline) -> list[str]:
+    """The keys of the samples in the pipeline's last batch (`last_batch` of either pipeline)."""
+    out = []
+    for item in getattr(pipeline, "last_batch", []):
+        if isinstance(item, tuple):  # CaptionPipeline: (key, row, segment)
+            out.append(item[0])
+        else:  # InstructionPipeline: SampleInfo
+            out.append(f"{item.source}:{item.record}")
+    return out

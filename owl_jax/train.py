@@ -92,7 +92,7 @@ def run(cfg: Config) -> dict:
     from owl_jax.checkpoint import CheckpointStore, install_sigterm_handler
     from owl_jax.compile_counter import count_compiles
     from owl_jax.data import batch_keys, batches, make_pipeline
-    from owl_jax.metrics_log import MetricsWriter
+    from owl_jax.metrics_log import MetricsWriter, SampleLog, batch_sample_keys
     from owl_jax.sharding import make_mesh
     from owl_jax.training.train_step import abstract_batch, create_trainer
 
@@ -123,6 +123,8 @@ def run(cfg: Config) -> dict:
     store = CheckpointStore(run_dir, cfg, keep=t_cfg.keep_checkpoints, tokenizer_path=tokenizer_path)
     writer = MetricsWriter(run_dir, cfg.logging, enabled=jax.process_index() == 0,
                            config_dict=dataclasses.asdict(cfg))
+    sample_log = SampleLog(run_dir, enabled=cfg.logging.sample_log, process_index=jax.process_index(),
+                           process_count=jax.process_count())
     data_state, start_step = None, 0
     latest = store.latest_step()
     if latest is not None:
@@ -133,6 +135,7 @@ def run(cfg: Config) -> dict:
             data_state = _own_data_state(store.all_data_states(latest), make_pipeline, cfg, tokenizer)
         start_step = latest
         writer.truncate_after(latest)
+        sample_log.truncate_after(latest)
         _print(f"resumed from {run_dir} at step {latest}")
     else:
         _init_weights(cfg, trainer)
@@ -171,6 +174,7 @@ def run(cfg: Config) -> dict:
             while step < t_cfg.steps:
                 metrics = trainer.step(next(stream))
                 step += 1
+                sample_log.write(step, batch_sample_keys(pipeline))
                 if int(metrics["skipped"]):
                     nonfinite_run += 1
                     log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
@@ -188,6 +192,7 @@ def run(cfg: Config) -> dict:
                     # trained (loss) tokens per second, estimated from this step's count
                     values["tokens_per_s"] = values["tokens"] * steps_in_window / max(elapsed, 1e-9)
                     values["images_per_s"] = images_per_step * steps_in_window / max(elapsed, 1e-9)
+                    values["seconds_per_step"] = elapsed / max(steps_in_window, 1)
                     values["step_compiles"] = compiles["jit(step)"]
                     flops_per_s = model_flops_per_step * steps_in_window / max(elapsed, 1e-9)
                     values["model_tflops_per_s"] = flops_per_s / 1e12
@@ -262,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, FileNotFoundError)) else 1
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() > 1:  # a collective failed: usually a peer died (its log says why)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: process {jax.process_index()} of {jax.process_count()}: a computation with the other "
+                  f"processes failed, most likely because another process died or was preempted (see the "
+                  f"other processes' logs); the last checkpoint is kept. ({first})", file=sys.stderr)
+            return 1
+        raise
     _print(f"done: step {metrics['step']} in {metrics['seconds']:.0f}s, final loss {metrics.get('loss', float('nan')):.4f}")
     return 0
 

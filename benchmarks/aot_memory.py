@@ -1,0 +1,197 @@
+"""Per-chip memory of the 7B recipes on TPU topologies, the largest micro-batch that fits, and the
+compiled-vs-analytic FLOP ratio, all from ahead-of-time compiles on any machine (`owl_jax.aot`).
+
+    PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/aot_memory.py [--recipe stage1|stage2 ...]
+        [--topology v4-32 ...] [--search] [--flops] [--results FILE.jsonl]
+
+For each recipe × topology it compiles the real train step at the recipe's batch and reports per-chip
+arguments / temporaries / total against the chip's HBM. `--search` then halves (or doubles)
+`training.grad_accum_steps` — the same samples per step in bigger (or smaller) micro-batches — until the
+boundary between fitting and not fitting is found: the largest per-chip micro-batch that fits is the
+step's real memory limit (activations scale with it; parameters and optimizer state do not).
+
+`--flops` compiles each recipe unrolled at reduced depth (`--flops-layers` LLM / vision layers, full
+widths: XLA's cost analysis counts a scanned layer once) and compares XLA's FLOPs with
+`owl_jax.flops.step_flops` for the same shapes. A full-depth unrolled 7B compile takes hours on a small
+CPU machine; per-layer work is what the ratio checks, and depth only scales it.
+
+Compiles take minutes each, so every result is appended to `--results` (JSON lines) as it arrives, and
+a rerun skips what is already there: the table can be filled over several sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+from owl_jax import aot
+from owl_jax.config import load_config
+
+RECIPES = {"stage1": "configs/owl_llama7b_stage1.yaml", "stage2": "configs/owl_llama7b_stage2_lora.yaml"}
+TOPOLOGIES = ["v4-32", "v5e-64", "v5p-32", "v6e-32"]
+_XLA_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", re.IGNORECASE)
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _key(row: dict) -> tuple:
+    return row["kind"], row["recipe"], row["topology"], row.get("grad_accum_steps"), row.get("layers")
+
+
+def load_results(path: str) -> dict[tuple, dict]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {_key(r): r for r in rows}
+
+
+def append_result(path: str, row: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def memory_row(recipe: str, topology: str, accum: int) -> dict:
+    """Compile `recipe` for `topology` with `accum` micro-batches; the row records fit or not."""
+    cfg = load_config(RECIPES[recipe], [f"training.grad_accum_steps={accum}"])
+    chip, chips, _ = aot.parse_topology(topology)
+    rows = cfg.data.global_batch_size // accum
+    row = {"kind": "memory", "recipe": recipe, "topology": topology, "grad_accum_steps": accum, "chips": chips,
+           "micro_batch_rows": rows, "rows_per_chip": rows / chips, "seq_len": cfg.data.seq_len,
+           "images_per_chip": cfg.data.images_per_batch // accum / chips, "hbm_gib": chip.hbm_bytes / 2**30}
+    start = time.time()
+    try:
+        report = aot.compile_for_topology(cfg, topology, flops=False)
+    except Exception as e:  # XLA: RESOURCE_EXHAUSTED ... Used 19.80G of 15.75G hbm
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+            raise
+        m = _XLA_OOM.search(message)
+        row.update(fits=False, needed_gib=float(m[1]) * _UNIT[m[2].upper()] / 2**30 if m else None,
+                   seconds=time.time() - start, mesh=None)
+        return row
+    gib = 2**30
+    row.update(fits=report.total_bytes <= report.hbm_bytes, mesh=report.mesh,
+               argument_gib=report.argument_bytes / gib, temp_gib=report.temp_bytes / gib,
+               total_gib=report.total_bytes / gib, needed_gib=report.total_bytes / gib,
+               seconds=time.time() - start)
+    return row
+
+
+def flops_row(recipe: str, topology: str, layers: int) -> dict:
+    """Compiled vs analytic FLOPs at full width and `layers` LLM / vision layers, unrolled."""
+    overrides = [f"model.text.num_layers={layers}", f"model.vision.num_layers={layers}"]
+    cfg = load_config(RECIPES[recipe], overrides)
+    start = time.time()
+    report = aot.compile_for_topology(cfg, topology, flops=True)
+    return {"kind": "flops", "recipe": recipe, "topology": topology, "layers": layers,
+            "compiled_flops": report.compiled_flops, "analytic_flops": report.analytic_flops,
+            "ratio": report.compiled_flops / report.analytic_flops, "seconds": time.time() - start}
+
+
+def _valid_accums(recipe: str, topology: str) -> list[int]:
+    """grad_accum_steps values (powers of two) whose micro-batch splits evenly over the chips."""
+    cfg = load_config(RECIPES[recipe])
+    _, chips, _ = aot.parse_topology(topology)
+    out, k = [], 1
+    while k <= cfg.data.global_batch_size:
+        rows, images = cfg.data.global_batch_size // k, cfg.data.images_per_batch // k
+        if cfg.data.global_batch_size % k == 0 and rows % chips == 0 and cfg.data.images_per_batch % k == 0 \
+                and images % chips == 0:
+            out.append(k)
+        k *= 2
+    return out
+
+
+def run(recipes, topologies, *, search: bool, flops: bool, flops_layers: int, results: str) -> dict:
+    done = load_results(results)
+
+    def get(row_key, compute):
+        if row_key not in done:
+            row = compute()
+            append_result(results, row)
+            done[row_key] = row
+            print(json.dumps(row), flush=True)
+        return done[row_key]
+
+    for recipe in recipes:
+        recipe_accum = load_config(RECIPES[recipe]).training.grad_accum_steps
+        for topology in topologies:
+            first = get(("memory", recipe, topology, recipe_accum, None),
+                        lambda: memory_row(recipe, topology, recipe_accum))
+            if not search:
+                continue
+            accums = _valid_accums(recipe, topology)
+            # bigger micro-batches (fewer accumulation steps) while it fits; smaller until it fits
+            direction = -1 if first["fits"] else 1
+            i = accums.index(recipe_accum) if recipe_accum in accums else 0
+            while 0 <= i + direction < len(accums):
+                i += direction
+                k = accums[i]
+                row = get(("memory", recipe, topology, k, None), lambda k=k: memory_row(recipe, topology, k))
+                if row["fits"] != first["fits"]:
+                    break
+    if flops:
+        for recipe in recipes:
+            get(("flops", recipe, topologies[0], None, flops_layers),
+                lambda recipe=recipe: flops_row(recipe, topologies[0], flops_layers))
+    return done
+
+
+def table(done: dict) -> str:
+    """Markdown: per recipe × topology, the recipe-batch row and the largest micro-batch that fits."""
+    rows = [r for r in done.values() if r["kind"] == "memory"]
+    lines = ["| recipe | topology | chips | grad accum | rows / chip | images / chip | arguments | temporaries "
+             "| total per chip | HBM | fits |", "|" + " --- |" * 11]
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["topology"], -r["grad_accum_steps"])):
+        if r["fits"]:
+            mem = (f"{r['argument_gib']:.2f} GiB", f"{r['temp_gib']:.2f} GiB", f"{r['total_gib']:.2f} GiB")
+            fits = f"yes ({100 * r['total_gib'] / r['hbm_gib']:.0f}%)"
+        else:
+            needed = f"{r['needed_gib']:.2f} GiB needed" if r.get("needed_gib") else "—"
+            mem, fits = ("—", "—", needed), "**no**"
+        lines.append(f"| {r['recipe']} | {r['topology']} | {r['chips']} | {r['grad_accum_steps']} | "
+                     f"{r['rows_per_chip']:g} × {r['seq_len']} | {r['images_per_chip']:g} | {mem[0]} | {mem[1]} | "
+                     f"{mem[2]} | {r['hbm_gib']:.2f} GiB | {fits} |")
+    flop_rows = [r for r in done.values() if r["kind"] == "flops"]
+    if flop_rows:
+        lines += ["", "| recipe | topology | layers (LLM, vision) | compiled FLOPs | analytic FLOPs | ratio |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in flop_rows:
+            lines.append(f"| {r['recipe']} | {r['topology']} | {r['layers']} | {r['compiled_flops']:.4g} | "
+                         f"{r['analytic_flops']:.4g} | {r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def largest_fitting(done: dict, recipe: str, topology: str) -> dict | None:
+    fitting = [r for r in done.values() if r["kind"] == "memory" and r["recipe"] == recipe
+               and r["topology"] == topology and r["fits"]]
+    return min(fitting, key=lambda r: r["grad_accum_steps"]) if fitting else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", action="append", choices=sorted(RECIPES))
+    p.add_argument("--topology", action="append")
+    p.add_argument("--search", action="store_true", help="find the largest micro-batch that fits")
+    p.add_argument("--flops", action="store_true", help="compiled vs analytic FLOPs at reduced depth")
+    p.add_argument("--flops-layers", type=int, default=2)
+    p.add_argument("--results", default="docs/aot_memory.jsonl")
+    p.add_argument("--table-only", action="store_true", help="print the table of what --results holds")
+    a = p.parse_args(argv)
+    if a.table_only:
+        done = load_results(a.results)
+    else:
+        done = run(a.recipe or sorted(RECIPES), a.topology or TOPOLOGIES, search=a.search, flops=a.flops,
+                   flops_layers=a.flops_layers, results=a.results)
+    print(table(done))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
