@@ -120,13 +120,15 @@ def run(recipes, topologies, *, search: bool, flops: bool, flops_layers: int, re
         return done[row_key]
 
     for recipe in recipes:
-        recipe_accum = load_config(RECIPES[recipe]).training.grad_accum_steps
         for topology in topologies:
+            # the recipe's accumulation, or the nearest that splits its micro-batch over this many chips
+            accums = _valid_accums(recipe, topology)
+            wanted = load_config(RECIPES[recipe]).training.grad_accum_steps
+            recipe_accum = max([k for k in accums if k <= wanted], default=min(accums))
             first = get(("memory", recipe, topology, recipe_accum, None),
                         lambda: memory_row(recipe, topology, recipe_accum))
             if not search:
                 continue
-            accums = _valid_accums(recipe, topology)
             # bigger micro-batches (fewer accumulation steps) while it fits; smaller until it fits
             direction = -1 if first["fits"] else 1
             i = accums.index(recipe_accum) if recipe_accum in accums else 0

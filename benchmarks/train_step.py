@@ -40,6 +40,15 @@ SIZES = {
              "model.abstractor.num_heads=6", "model.abstractor.num_queries=16",
              "model.text.hidden_size=768", "model.text.intermediate_size=2048", "model.text.num_layers=10",
              "model.text.num_heads=12", "data.global_batch_size=8", "data.images_per_batch=8"],
+    # ~1.1B for accelerators (not run by default): ViT-L/14 at 224 px (300M), abstractor 1024 wide,
+    # LLM 16 × 2048 (810M), bf16 compute. `--sizes 1b --parts remat,attention` on a GPU.
+    "1b": ["model.vision.hidden_size=1024", "model.vision.intermediate_size=4096", "model.vision.num_layers=24",
+           "model.vision.num_heads=16", "model.vision.image_size=224", "model.vision.patch_size=14",
+           "model.abstractor.hidden_size=1024", "model.abstractor.intermediate_size=2816",
+           "model.abstractor.num_heads=16", "model.abstractor.num_queries=64", "model.abstractor.num_layers=6",
+           "model.text.hidden_size=2048", "model.text.intermediate_size=5504", "model.text.num_layers=16",
+           "model.text.num_heads=16", "model.text.max_position_embeddings=2048", "model.dtype=bfloat16",
+           "data.seq_len=512", "data.global_batch_size=16", "data.images_per_batch=16"],
 }
 COMMON = ["init.from_checkpoint=''", "training.log_every=1", "training.checkpoint_every=100000",
           "training.eval_every=0", "logging.progress=false", "logging.tensorboard=false"]
@@ -91,7 +100,7 @@ HEADER = ("| case | s/step | trained tok/s | images/s | model TFLOP/s | MFU | {r
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,100m")
-    p.add_argument("--parts", default="remat,packing")
+    p.add_argument("--parts", default="remat,packing", help="remat, packing, attention (GPU)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     a = p.parse_args(argv)
@@ -108,6 +117,16 @@ def main(argv=None) -> None:
                         r = measure(stage, SIZES[size] + [f"model.remat_policy={policy}"], a.steps, a.warmup, out,
                                     f"{size}-{stage}-remat-{policy}")
                         print(_row(f"{size} {stage} remat={policy}", r, base, "seconds_per_step"), flush=True)
+                        base = base or r
+        if "attention" in parts:  # GPU: cuDNN flash attention through jax.nn.dot_product_attention
+            print("\nattention implementation (ratio: step time vs xla)\n" + HEADER.format(ratio="s/step vs xla"))
+            for size in sizes:
+                for stage in ("stage1", "stage2"):
+                    base = None
+                    for impl in ("xla", "cudnn"):
+                        r = measure(stage, SIZES[size] + [f"model.attention_impl={impl}"], a.steps, a.warmup, out,
+                                    f"{size}-{stage}-attention-{impl}")
+                        print(_row(f"{size} {stage} attention={impl}", r, base, "seconds_per_step"), flush=True)
                         base = base or r
         if "packing" in parts:
             print("\npadded vs packed (ratio: trained tokens/s vs padded)\n"

@@ -257,6 +257,7 @@ class _State:
     seen: int                      # usable samples considered
     usable: dict[str, int]         # ... per source
     mixture: dict                  # fingerprint of sources, weights and seed
+    exclude: list[int] = dataclasses.field(default_factory=list)  # indices >= next consumed before a remap
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -456,6 +457,9 @@ class InstructionPipeline:
             if self.epochs is not None and index >= self.epochs * self.epoch_length:
                 return None
             st.next += st.num_processes
+            if st.exclude and index in st.exclude:  # consumed by another process before a remap
+                st.exclude.remove(index)
+                continue
             try:
                 sample = self._prepare(index)
             except image_ops.BadSample as e:
@@ -546,6 +550,43 @@ class InstructionPipeline:
     def state(self) -> dict:
         """JSON-serialisable state covering exactly the batches returned so far."""
         return self._state.to_json()
+
+    def remap_states(self, states: list[dict], num_processes: int | None = None) -> list[dict]:
+        """The saved states of all P processes of a run -> states for `num_processes` (Q) processes that
+        continue it with no sample twice and none skipped. Old process p had considered every index
+        ≡ p (mod P) below its `next`; from M = min(next) on, new process q considers the indices ≡ q
+        (mod Q), excluding those some old process already considered. Samples carried by old processes
+        are dealt out to the new ones (round robin) and open their first batches; the skip and usable
+        counters move to process 0. The continuation is a valid order, not the order a Q-process run
+        from the start would have had."""
+        q_count = num_processes or self._state.num_processes
+        old = [_State(**json.loads(json.dumps(st))) for st in states]
+        p_count = len(old)
+        if sorted(st.process_index for st in old) != list(range(p_count)) or any(
+                st.num_processes != p_count for st in old):
+            raise DataError(f"need the states of all processes 0..{p_count - 1} of one run to re-split")
+        if any(st.mixture != old[0].mixture for st in old):
+            raise DataError("the saved states come from different mixtures")
+        old.sort(key=lambda st: st.process_index)
+        start = min(st.next for st in old)
+        considered: set[int] = set()
+        for st in old:  # indices >= start already considered: p's own, and those p was told to skip
+            considered.update(range(start + (st.process_index - start) % p_count, st.next, p_count))
+            considered.update(st.exclude)
+        carried = [g for st in old for g in st.pending]
+        skipped: dict[str, int] = collections.Counter()
+        usable: dict[str, int] = collections.Counter()
+        for st in old:
+            skipped.update(st.skipped)
+            usable.update(st.usable)
+        new = []
+        for q in range(q_count):
+            first = start + (q - start) % q_count
+            new.append(_State(q, q_count, first, carried[q::q_count],
+                              dict(skipped) if q == 0 else {}, sum(st.seen for st in old) if q == 0 else 0,
+                              {k: (usable.get(k, 0) if q == 0 else 0) for k in old[0].usable}, old[0].mixture,
+                              sorted(g for g in considered if g % q_count == q % q_count)).to_json())
+        return new
 
     def close(self) -> None:
         """Nothing to release (decoding is inline); for symmetry with CaptionPipeline."""

@@ -237,6 +237,35 @@ def test_processes_split_an_epoch_disjointly_and_completely(data):
     assert len(flat) == len(set(flat)) and set(flat) == set(range(36))  # deferred samples are not dropped
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_resplit_between_process_counts_loses_and_repeats_nothing(data, packing):
+    """2 processes -> 3 -> 1 mid-epoch (uneven progress, carried samples): over one epoch every sample
+    is emitted exactly once."""
+    kw = dict(epochs=1, image_budget=2, packing=packing)
+
+    def take(p, batches):
+        out = []
+        for _ in range(batches):
+            try:
+                next(p)
+            except StopIteration:
+                break
+            out += [i.index for i in p.last_batch]
+        return out
+
+    two = [pipeline(data["sources"], process_index=q, num_processes=2, **kw) for q in range(2)]
+    seen = take(two[0], 2) + take(two[1], 1)  # uneven: process 0 is a batch ahead
+    assert any(p.state()["pending"] for p in two) or not packing
+    states3 = two[0].remap_states([p.state() for p in two], 3)
+    three = [pipeline(data["sources"], process_index=q, num_processes=3, state=states3[q], **kw) for q in range(3)]
+    seen += take(three[0], 1) + take(three[1], 2) + take(three[2], 1)
+    states1 = three[0].remap_states([p.state() for p in three], 1)
+    one = pipeline(data["sources"], state=states1[0], **kw)
+    seen += take(one, 100)
+    assert len(seen) == len(set(seen)) and set(seen) == set(range(36))
+    assert one.state()["seen"] == 36
+
+
 def test_bad_records_are_skipped_and_counted(tmp_path, caplog):
     (tmp_path / "img").mkdir()
     for i in range(4):
