@@ -108,6 +108,27 @@ def _valid_accums(recipe: str, topology: str) -> list[int]:
     return out
 
 
+def _predicted_start(first: dict, accums: list[int], recipe_accum: int) -> int:
+    """Index in `accums` to compile first. Temporaries scale with the micro-batch, arguments do not: from
+    the recipe's compile, predict the smallest accumulation (largest micro-batch) that fits with 3%
+    headroom."""
+    if not (first["fits"] and first.get("temp_gib")):
+        return accums.index(recipe_accum)
+    scale = (0.97 * first["hbm_gib"] - first["argument_gib"]) / max(first["temp_gib"], 1e-9)
+    return accums.index(min((k for k in accums if k >= recipe_accum / scale), default=max(accums)))
+
+
+def _boundary_found(fits_at: dict[int, bool], accums: list[int]) -> bool:
+    """True when the smallest fitting accumulation is known: it fits and the next smaller one does not
+    (or it is the smallest possible)."""
+    fitting = [k for k in accums if fits_at.get(k)]
+    if not fitting:
+        return False
+    best = min(fitting)
+    i = accums.index(best)
+    return i == 0 or fits_at.get(accums[i - 1]) is False
+
+
 def run(recipes, topologies, *, search: bool, flops: bool, flops_layers: int, results: str) -> dict:
     done = load_results(results)
 
@@ -129,15 +150,14 @@ def run(recipes, topologies, *, search: bool, flops: bool, flops_layers: int, re
                         lambda: memory_row(recipe, topology, recipe_accum))
             if not search:
                 continue
-            # bigger micro-batches (fewer accumulation steps) while it fits; smaller until it fits
-            direction = -1 if first["fits"] else 1
-            i = accums.index(recipe_accum) if recipe_accum in accums else 0
-            while 0 <= i + direction < len(accums):
-                i += direction
+            # walk from the prediction: down (bigger micro-batches) while it fits, up while it does not
+            fits_at = {recipe_accum: first["fits"]}
+            i = _predicted_start(first, accums, recipe_accum)
+            while 0 <= i < len(accums) and not _boundary_found(fits_at, accums):
                 k = accums[i]
                 row = get(("memory", recipe, topology, k, None), lambda k=k: memory_row(recipe, topology, k))
-                if row["fits"] != first["fits"]:
-                    break
+                fits_at[k] = row["fits"]
+                i = i - 1 if row["fits"] else i + 1
     if flops:
         for recipe in recipes:
             get(("flops", recipe, topologies[0], None, flops_layers),

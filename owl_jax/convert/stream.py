@@ -88,7 +88,9 @@ def _host_value(source: TensorSource, rule: TensorRule, dtype) -> np.ndarray:
 
 def _sharding_of(value) -> Sharding:
     sharding = getattr(value, "sharding", None)
-    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # an unplaced (host) value goes to this process's first device: jax.devices()[0] belongs to
+    # process 0 and cannot be written by the others
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _drop_leading_axis(sharding: Sharding) -> Sharding:
