@@ -21,7 +21,7 @@ import dataclasses
 import itertools
 import logging
 import multiprocessing
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -36,6 +36,13 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 class DataError(RuntimeError):
     """The data cannot feed the run (too many bad samples, nothing usable)."""
+
+
+class CaptionSampleInfo(NamedTuple):
+    """Where a sample of the last batch went: its shard key, row and segment id in the row."""
+    key: str
+    row: int
+    segment: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +180,7 @@ class CaptionPipeline:
         self._held: tuple | None = None
         self._held_state: dict | None = None
         self._state_before_usable: dict | None = None
-        self.last_batch: list[tuple[str, int, int]] = []  # (sample key, row, segment) of the last batch
+        self.last_batch: list[CaptionSampleInfo] = []  # the samples of the last batch
         self.captions = CaptionTokenizer(tokenizer, template, tokens_per_image)
         self.pad_id = tokenizer.pad_id
         self._state = (StreamState.from_json(state) if state is not None
@@ -261,7 +268,10 @@ class CaptionPipeline:
 
     def next_sample(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         """(sample key, pixels, tokens with image slots, weighted positions) of the next usable sample."""
-        key, pixels, tokens, weighted = self._next_usable()
+        if self._held is not None:  # (packing) the sample held over for the next batch comes first
+            (key, pixels, tokens, weighted), self._held, self._held_state = self._held, None, None
+        else:
+            key, pixels, tokens, weighted = self._next_usable()
         return key, image_ops.clip_normalize(pixels), tokens, weighted
 
     def _next_usable(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -305,7 +315,7 @@ class CaptionPipeline:
             key, px, tok, w = self._next_usable()
             tokens[r, :len(tok)], weighted[r, :len(tok)], segment_ids[r, :len(tok)] = tok, w, 1
             images.append(px)
-            self.last_batch.append((key, r, 1))
+            self.last_batch.append(CaptionSampleInfo(key, r, 1))
         index, pixel_row = plan_micro_batched_slots(tokens, np.ones(rows, np.int64),
                                                     tokens_per_image=self.tokens_per_image,
                                                     image_budget=self.image_budget,
@@ -356,7 +366,7 @@ class CaptionPipeline:
         index, pixel_row = plan_micro_batched_slots(batch.arrays["tokens"], batch.num_images,
                                                     tokens_per_image=self.tokens_per_image,
                                                     image_budget=self.image_budget, num_micro_batches=k)
-        self.last_batch = [(keys[i], row, seg) for i, (row, _, seg) in enumerate(batch.placement)]
+        self.last_batch = [CaptionSampleInfo(keys[i], row, seg) for i, (row, _, seg) in enumerate(batch.placement)]
         return self._finish(batch.arrays, batch.images, index, pixel_row)
 
     def _finish(self, arrays: dict[str, np.ndarray], images: list, index: np.ndarray,

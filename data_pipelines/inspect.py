@@ -233,9 +233,9 @@ class Printer:
 # ----------------------------------------------------------------------------------------------------
 
 def _origins(pipeline) -> dict[tuple[int, int], str]:
-    """(row, segment) -> `source[record]` of the last batch (instruction pipelines only)."""
+    """(row, segment) -> `source[record]` (instructions) or the shard key (captions) of the last batch."""
     infos = getattr(pipeline, "last_batch", None) or []
-    return {(i.row, i.segment): f"{i.source}[{i.record}]" for i in infos}
+    return {(i.row, i.segment): i.key if hasattr(i, "key") else f"{i.source}[{i.record}]" for i in infos}
 
 
 def iter_samples(pipeline, num_samples: int, *, tokens_per_image: int
@@ -281,8 +281,9 @@ def pipeline_from_args(args: argparse.Namespace):
               "tokens_per_image": args.tokens_per_image, "seed": args.seed, "train": args.train, "epochs": 1}
     if args.shards:
         from data_pipelines.captions import CaptionPipeline
-        return (CaptionPipeline(args.shards, image_budget=args.image_budget or args.rows, template=args.template,
-                                shuffle=args.train, **common), tokenizer, args.tokens_per_image)
+        budget = args.image_budget or (4 * args.rows if args.packing else args.rows)
+        return (CaptionPipeline(args.shards, image_budget=budget, template=args.template, shuffle=args.train,
+                                packing=args.packing, **common), tokenizer, args.tokens_per_image)
     from data_pipelines.instructions import InstructionPipeline, InstructionSource
     source = InstructionSource("data", args.instructions, args.format, image_root=args.image_root)
     return (InstructionPipeline([source], image_budget=args.image_budget or 4 * args.rows, packing=args.packing,
@@ -311,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--image-budget", type=int, default=0, help="image slots per batch (default: rows, or 4x rows)")
     d.add_argument("--image-size", type=int, default=224)
     d.add_argument("--tokens-per-image", type=int, default=65)
-    d.add_argument("--packing", action="store_true", help="pack instruction samples (segment ids)")
+    d.add_argument("--packing", action="store_true", help="pack several samples per row (segment ids)")
     d.add_argument("--train", action="store_true", help="training order and augmentation (default: eval)")
     d.add_argument("--seed", type=int, default=0)
     return p

@@ -101,10 +101,5 @@ class SampleLog:
 
 def batch_sample_keys(pipeline) -> list[str]:
     """The keys of the samples in the pipeline's last batch (`last_batch` of either pipeline)."""
-    out = []
-    for item in getattr(pipeline, "last_batch", []):
-        if isinstance(item, tuple):  # CaptionPipeline: (key, row, segment)
-            out.append(item[0])
-        else:  # InstructionPipeline: SampleInfo
-            out.append(f"{item.source}:{item.record}")
-    return out
+    return [item.key if hasattr(item, "key") else f"{item.source}:{item.record}"  # captions | instructions
+            for item in getattr(pipeline, "last_batch", [])]
