@@ -79,7 +79,9 @@ def _torus_shape(chips: int, dims: int) -> tuple[int, ...]:
     while math.prod(shape) < chips:
         shape[i % dims] *= 2
         i += 1
-    return tuple(sorted(shape))
+    # ascending, with unit dimensions last: Cloud TPU names 4 v4/v5p chips 2x2x1 (one host), not 1x2x2
+    ordered = sorted(shape)
+    return tuple([d for d in ordered if d > 1] + [1] * ordered.count(1))
 
 
 def parse_topology(name: str) -> tuple[TpuChip, int, str]:
@@ -98,6 +100,12 @@ def parse_topology(name: str) -> tuple[TpuChip, int, str]:
     return chip, chips, f"{_LIBTPU_NAMES[generation]}:{'x'.join(map(str, shape))}"
 
 
+def _host_bounds(libtpu_name: str) -> tuple[int, int, int]:
+    """Chips per host as libtpu wants them: 2x2x1 (4 chips), or the whole slice when it is smaller."""
+    shape = [int(d) for d in libtpu_name.split(":")[1].split("x")] + [1]
+    return min(shape[0], 2), min(shape[1], 2), 1
+
+
 def topology_devices(name: str, num_slices: int = 1):
     """(chip, devices) of `num_slices` slices of topology `name` (multi-slice devices carry slice_index)."""
     from jax.experimental import topologies
@@ -107,7 +115,7 @@ def topology_devices(name: str, num_slices: int = 1):
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=libtpu_name,
                 chip_config_name="megacore" if chip.cores_per_chip_in_name == 2 else "default",
-                chips_per_host_bounds=(2, 2, 1), num_slices=num_slices, wrap=(False,) * 3)
+                chips_per_host_bounds=_host_bounds(libtpu_name), num_slices=num_slices, wrap=(False,) * 3)
     except Exception as e:  # libtpu missing or the topology unsupported
         raise TopologyError(f"cannot describe {name} ({libtpu_name}): {e}. Is the `tpu` extra (libtpu) "
                             f"installed?") from e

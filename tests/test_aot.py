@@ -12,7 +12,7 @@ from owl_jax.config import load_config  # noqa: E402
 
 
 @pytest.mark.parametrize("name, chips, libtpu_name", [
-    ("v4-32", 16, "v4:2x2x4"), ("v5p-64", 32, "v5p:2x4x4"), ("v5p-8", 4, "v5p:1x2x2"),
+    ("v4-32", 16, "v4:2x2x4"), ("v5p-64", 32, "v5p:2x4x4"), ("v5p-8", 4, "v5p:2x2x1"), ("v4-8", 4, "v4:2x2x1"),
     ("v5e-16", 16, "v5e:4x4"), ("v5litepod-64", 64, "v5e:8x8"), ("v6e-8", 8, "v6e:2x4"), ("v6e-1", 1, "v6e:1x1"),
 ])
 def test_topology_names(name, chips, libtpu_name):
@@ -84,3 +84,10 @@ def test_describing_a_topology_leaves_the_environment_alone(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     topology_devices("v5e-8")
     assert not [k for k in _DESCRIBE_ONLY_ENV if k in os.environ]
+
+
+@pytest.mark.parametrize("name, count", [("v5p-8", 4), ("v4-8", 4), ("v6e-1", 1), ("v5e-8", 8)])
+def test_single_host_and_sub_host_slices_are_described(name, count):
+    """One-host slices (4 chips: 2x2x1) and slices smaller than a host (v6e-1) need host bounds that fit."""
+    _, devices = aot.topology_devices(name)
+    assert len(devices) == count
