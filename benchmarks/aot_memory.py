@@ -34,7 +34,10 @@ from owl_jax.config import load_config
 
 RECIPES = {"stage1": "configs/owl_llama7b_stage1.yaml", "stage2": "configs/owl_llama7b_stage2_lora.yaml"}
 TOPOLOGIES = ["v4-32", "v5e-64", "v5p-32", "v6e-32"]
-_XLA_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", re.IGNORECASE)
+# XLA's out-of-HBM messages: "... Used 19.80G of 15.75G hbm ..." or "... the total memory required for HLO
+# temporaries (139.40G) exceeds available HBM (15.75G)" (the latter counts temporaries only)
+_XLA_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm|required for HLO temporaries \(([\d.]+)([KMGT])\)",
+                      re.IGNORECASE)
 _UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -72,7 +75,11 @@ def memory_row(recipe: str, topology: str, accum: int) -> dict:
         if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
             raise
         m = _XLA_OOM.search(message)
-        row.update(fits=False, needed_gib=float(m[1]) * _UNIT[m[2].upper()] / 2**30 if m else None,
+        needed = None
+        if m:
+            value, unit = (m[1], m[2]) if m[1] else (m[3], m[4])
+            needed = float(value) * _UNIT[unit.upper()] / 2**30
+        row.update(fits=False, needed_gib=needed, xla_message=message.strip().splitlines()[0][:300],
                    seconds=time.time() - start, mesh=None)
         return row
     gib = 2**30
@@ -175,8 +182,10 @@ def table(done: dict) -> str:
             mem = (f"{r['argument_gib']:.2f} GiB", f"{r['temp_gib']:.2f} GiB", f"{r['total_gib']:.2f} GiB")
             fits = f"yes ({100 * r['total_gib'] / r['hbm_gib']:.0f}%)"
         else:
+            temporaries_only = "HLO temporaries" in r.get("xla_message", "")
             needed = f"{r['needed_gib']:.2f} GiB needed" if r.get("needed_gib") else "—"
-            mem, fits = ("—", "—", needed), "**no**"
+            mem = ("—", needed, "—") if temporaries_only else ("—", "—", needed)
+            fits = "**no**"
         lines.append(f"| {r['recipe']} | {r['topology']} | {r['chips']} | {r['grad_accum_steps']} | "
                      f"{r['rows_per_chip']:g} × {r['seq_len']} | {r['images_per_chip']:g} | {mem[0]} | {mem[1]} | "
                      f"{mem[2]} | {r['hbm_gib']:.2f} GiB | {fits} |")
