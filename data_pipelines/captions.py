@@ -268,11 +268,15 @@ class CaptionPipeline:
 
     def next_sample(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         """(sample key, pixels, tokens with image slots, weighted positions) of the next usable sample."""
-        if self._held is not None:  # (packing) the sample held over for the next batch comes first
-            (key, pixels, tokens, weighted), self._held, self._held_state = self._held, None, None
-        else:
-            key, pixels, tokens, weighted = self._next_usable()
+        key, pixels, tokens, weighted = self._take()
         return key, image_ops.clip_normalize(pixels), tokens, weighted
+
+    def _take(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+        """The sample held over from the last packed batch if there is one, else the next usable one."""
+        if self._held is None:
+            return self._next_usable()
+        sample, self._held, self._held_state = self._held, None, None
+        return sample
 
     def _next_usable(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
         """next_sample with uint8 pixels (batches normalise them straight into their pixel rows)."""
@@ -338,15 +342,12 @@ class CaptionPipeline:
         samples: list[dict] = []
         keys: list[str] = []
         while True:
-            if self._held is not None:
-                sample, self._held, self._held_state = self._held, None, None
-            else:
-                try:
-                    sample = self._next_usable()
-                except StopIteration:
-                    if samples:
-                        break
-                    raise
+            try:
+                sample = self._take()
+            except StopIteration:
+                if samples:
+                    break
+                raise
             key, px, tok, w = sample
             row = next((r for r in range(rows) if free[r] >= len(tok) and images_in[r % k] < slots_per_micro_batch),
                        None)
