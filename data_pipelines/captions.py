@@ -28,6 +28,7 @@ import numpy as np
 from data_pipelines import images as image_ops
 from data_pipelines.order import StreamState, epoch_shard_order, positions, remap_states, window_sample_order
 from data_pipelines.shards import SampleRef, ShardError, expand_sources, open_shard, read_member
+from data_pipelines.tokenize import encode_template_text
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,10 @@ class CaptionTokenizer:
             raise ValueError("put <image> before {caption} in caption_template")
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text)) if text else []
+        return encode_template_text(self.tokenizer, text)
 
     def __call__(self, caption: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-        body = self._encode(caption)
+        body = list(self.tokenizer.encode(caption)) if caption else []  # one piece, like an answer
         room = seq_len - len(self.prefix) - len(self.suffix) - 1
         if room < 1:
             raise DataError(f"seq_len {seq_len} leaves no room for a caption after the template")

@@ -200,6 +200,18 @@ def _conversation_chunks(conv: Conversation) -> list[tuple[str, str]]:
     return [(("text" if kind == "sep" else kind), text) for kind, text in chunks if text]
 
 
+_TEMPLATE_PIECES = re.compile(r"(\nHuman: |(?<=\n)AI: )")
+
+
+def encode_template_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of template text (the text around a caption) cut where `_conversation_chunks` cuts a
+    conversation: '\\nHuman: ' and the 'AI: ' after a newline are encoded on their own. SentencePiece
+    tokenises "\\nAI: " as one string differently from "\\n" + "AI: ", so without this a caption template
+    written in the conversation format ("Human: <image>\\nAI: {caption}") would show the LLM role markers it
+    never saw in instruction data."""
+    return [i for piece in _TEMPLATE_PIECES.split(text) if piece for i in tokenizer.encode(piece)]
+
+
 def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, seq_len: int,
                        tokens_per_image: int, *, images: Sequence[str] = ()) -> TrainingSample:
     """Tokens, next-token targets and answer loss mask of one conversation, at most `seq_len` long.

@@ -17,7 +17,8 @@ from owl_jax.train import run
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return make_world(str(tmp_path_factory.mktemp("world")), num_train_pictures=40, num_eval_pictures=8,
-                      num_text_instructions=40, num_reading_conversations=40, samples_per_shard=20)
+                      num_text_instructions=40, num_reading_conversations=40, num_caption_readings=40,
+                      samples_per_shard=20)
 
 
 def stage_config(name, world, runs, **extra):
@@ -27,7 +28,8 @@ def stage_config(name, world, runs, **extra):
                  "training.eval_every=0", "mesh.fsdp=-1"]
     if name == "lm":
         overrides.append(f"data.sources=[{{name: t, path: '{world['alpaca_train']}', format: alpaca}}, "
-                         f"{{name: r, path: '{world['reading_train']}', format: llava}}]")
+                         f"{{name: r, path: '{world['reading_train']}', format: llava}}, "
+                         f"{{name: c, path: '{world['caption_reading_train']}', format: llava}}]")
     elif name == "stage1":
         overrides += [f"data.train_paths=['{world['captions_train']}']", f"init.from_checkpoint={runs}/lm"]
     else:

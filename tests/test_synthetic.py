@@ -4,6 +4,7 @@ answers that match the pixels (re-derived from the PNGs without the generator's 
 import io
 import json
 import os
+import random
 import tarfile
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from data_pipelines.conversation import IMAGE_TAG, read_record, render
 from data_pipelines.shards import expand_sources, open_shard
 from data_pipelines.tokenizers import SentencePieceTokenizer, load_tokenizer
 
-SMALL = dict(num_train_pictures=40, num_eval_pictures=20, num_text_instructions=60, num_reading_conversations=30)
+SMALL = dict(num_train_pictures=40, num_eval_pictures=20, num_text_instructions=60, num_reading_conversations=30,
+             num_caption_readings=30)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -62,18 +64,18 @@ def test_eval_pictures_are_not_train_pictures(world):
 
 def test_idempotent_and_regenerates_on_change(tmp_path):
     out = tmp_path / "w"
-    first = S.make_world(out, num_train_pictures=6, num_eval_pictures=3, num_text_instructions=5)
+    first = S.make_world(out, num_train_pictures=6, num_eval_pictures=3, num_text_instructions=5, num_caption_readings=10)
     assert first["reused"] is False
     stamp = (out / "manifest.json").stat().st_mtime_ns, (out / "images/train/000000.png").stat().st_mtime_ns
-    again = S.make_world(out, num_train_pictures=6, num_eval_pictures=3, num_text_instructions=5)
+    again = S.make_world(out, num_train_pictures=6, num_eval_pictures=3, num_text_instructions=5, num_caption_readings=10)
     assert again["reused"] is True
     assert {k: v for k, v in again.items() if k != "reused"} == {k: v for k, v in first.items() if k != "reused"}
     assert ((out / "manifest.json").stat().st_mtime_ns, (out / "images/train/000000.png").stat().st_mtime_ns) == stamp
     # Fewer pictures: regenerated, and nothing of the bigger world is left behind.
-    smaller = S.make_world(out, num_train_pictures=4, num_eval_pictures=3, num_text_instructions=5)
+    smaller = S.make_world(out, num_train_pictures=4, num_eval_pictures=3, num_text_instructions=5, num_caption_readings=10)
     assert smaller["reused"] is False
     assert len(list((out / "images/train").glob("*.png"))) == 4
-    assert S.make_world(out, num_train_pictures=4, num_eval_pictures=3, num_text_instructions=5,
+    assert S.make_world(out, num_train_pictures=4, num_eval_pictures=3, num_text_instructions=5, num_caption_readings=10,
                         force=True)["reused"] is False
     # A folder holding someone else's files of the same names is not overwritten.
     foreign = tmp_path / "foreign"
@@ -265,5 +267,32 @@ def test_reading_records_describe_an_imaginary_picture_in_words(world):
         answers = [t.text for t in conv.turns[1::2]]
         # every answer about colour/shape/size/position can be read off the description
         for a in answers:
-            words = [w for w in a.rstrip(".").split() if w in S.COLOURS or w in S.SHAPES or w in S.SIZES]
-            assert all(w in description for w in words), (description, a)
+            words = [w for w in a.rstrip(".").split()
+                     if w in S.COLOURS or w in S.SHAPES or w in S.SIZES or w in S.POSITIONS]
+            assert all(w in description.rstrip(".").replace(",", " ").replace(";", " ").split() for w in words), \
+                (description, a)
+
+
+def test_pictures_in_words_are_the_attributes_in_any_order():
+    """The form the frozen LLM learns to read (and the vision side to imitate): the attributes, any order."""
+    orders = set()
+    for i in range(40):
+        pic = S.sample_picture(0, "reading", i, 64, 0.5)
+        text = S.words_for(pic, random.Random(i))
+        groups = text.rstrip(".").split("; ")
+        assert sorted(sorted(g.split(", ")) for g in groups) == sorted(
+            sorted([s.size, s.colour, s.shape, S.POSITION_PHRASES[s.position]]) for s in pic.shapes), text
+        orders.add(tuple(S.COLOURS_LIST.index(w) if w in S.COLOURS else -1 for w in groups[0].split(", ")))
+    assert len(orders) > 3  # the order varies
+
+
+def test_caption_reading_records_put_the_picture_in_words_before_its_caption(world):
+    records = json.loads(Path(world["caption_reading_train"]).read_text())
+    assert len(records) == world["counts"]["caption_reading_train"] > 0
+    for r in records:
+        conv = read_record(r, "llava")
+        assert conv.num_images == 0 and len(conv.turns) == 2
+        words = set(conv.turns[0].text.rstrip(".").replace(",", " ").replace(";", " ").split())
+        caption_words = {w for w in conv.turns[1].text.replace(",", " ").split()
+                         if w in S.COLOURS or w in S.SHAPES or w in S.SIZES}
+        assert caption_words and caption_words <= words, r

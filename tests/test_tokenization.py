@@ -191,6 +191,24 @@ def test_tokenizers_plug_into_the_pipeline(sp_path, tmp_path):
         assert "restaurant" in answer and "Yes" in answer and "alone" not in answer
 
 
+@pytest.mark.parametrize("system", ["", SYSTEM_PROMPT])
+def test_conversation_style_caption_template_tokenises_like_the_conversation(sp_path, tmp_path, system):
+    """A stage-1 caption template in the conversation format gives the frozen LLM exactly the ids (role
+    markers included) and answer weighting of the same exchange in instruction data. SentencePiece splits
+    "\\nAI: " differently when encoded as one string, which this would catch."""
+    from data_pipelines.captions import CaptionTokenizer
+    from data_pipelines.conversation import make_conversation
+    hf_path, _ = _train_bpe(tmp_path, config={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    caption = "The man is sitting in a small restaurant"
+    template = (system + "\n" if system else "") + "Human: <image>\nAI: {caption}"
+    for tok in (load_tokenizer(sp_path), load_tokenizer(hf_path)):
+        tokens, weighted = CaptionTokenizer(tok, template, TPI)(caption, 200)
+        conv = make_conversation([(HUMAN, "<image>"), (AI, caption)], images=["a.jpg"], system=system)
+        s = to_training_sample(conv, tok, 200, TPI, images=conv.images)
+        np.testing.assert_array_equal(tokens, s.tokens)
+        np.testing.assert_array_equal(weighted[1:], s.loss_mask[:len(tokens) - 1])  # mask is per target
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.model"):
         load_tokenizer(tmp_path / "nowhere.model")
