@@ -372,8 +372,9 @@ def words_for(picture: Picture, rng: random.Random) -> str:
     over several tokens in a fixed order that the vision side does not learn to imitate. With the
     attributes in any order the LLM has to find each one by what the word is, which any visual token can
     carry. Measured on the demo (with world_caption_reading and the conversation caption template):
-    stage-2 shape 24% -> 48%, caption matching 71% -> 92%. Single words for the positions ("left") did no
-    better (shape 34%); position stays near chance either way (see the demo notes in README.md)."""
+    stage-2 shape 24% -> 48%, caption matching 71% -> 92%; with stage 1 at a gentler learning rate, shape
+    and position far above chance (docs/benchmarks.md, "Demo"). One word per position ("left") instead of
+    the phrase did worse (shape 34%)."""
     groups = []
     for s in picture.shapes:
         parts = [s.size, s.colour, s.shape, POSITION_PHRASES[s.position]]
