@@ -13,6 +13,16 @@ export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 
 python -m data_pipelines.synthetic --out demo_world --train-pictures 6000 --samples-per-shard 1000 > /dev/null
 echo "demo world ready in demo_world/"
+# Re-running resumes the stages in runs/demo/, but only checkpoints of these same recipes and world: after
+# an update that changed them, the old runs are moved aside (never deleted) and the demo starts over.
+recipe=$(cat configs/demo_*.yaml demo_world/manifest.json | sha256sum | cut -c1-16)
+if [ -d runs/demo ] && [ "$(cat runs/demo/.recipe 2>/dev/null)" != "$recipe" ]; then
+  old="runs/demo.before-$(date +%Y%m%d-%H%M%S)"
+  while [ -e "$old" ]; do old="$old+"; done
+  mv runs/demo "$old"
+  echo "the demo recipes or world changed since runs/demo/ was trained: moved it to $old/"
+fi
+mkdir -p runs/demo && echo "$recipe" > runs/demo/.recipe
 for stage in lm stage1 stage2; do
   echo "=== training: configs/demo_$stage.yaml"
   python -m owl_jax.train --config "configs/demo_$stage.yaml" logging.progress=true | grep -E "^(step|done|resumed|parameters|mesh)"
