@@ -128,6 +128,9 @@ def test_a_dead_peer_ends_the_survivor_with_an_error(tmp_path, shards):  # noqa:
     log = open(plans[0].log).read()
     assert code != 0, log[-2000:]
     assert took < 60, f"{took:.0f}s"
-    # CPU (gloo) notices the closed connection at once and the CLI names the cause; on TPU / GPU the
-    # collective blocks until jax's heartbeat timeout, whose fatal error says "Task 1 heartbeat timeout".
-    assert "another process died" in log or "heartbeat timeout" in log, log[-3000:]
+    # Which path reports it is a race, and every one names the cause: inside a collective, CPU (gloo)
+    # notices the closed connection at once and the CLI says "another process died"; between collectives
+    # (and on TPU / GPU) the coordination service's heartbeat check ends the process with "Task 1
+    # heartbeat timeout" or "... stopped sending heartbeats ... most likely ... another task died".
+    causes = ("another process died", "heartbeat timeout", "stopped sending heartbeats", "another task died")
+    assert any(c in log for c in causes), log[-3000:]
