@@ -402,7 +402,11 @@ class CaptionPipeline:
         return remap_states(states, num_processes or self._state.num_processes, self.window_size)
 
     def close(self) -> None:
+        # close + join, not terminate: Pool.terminate can deadlock while its task-handler thread is
+        # feeding the workers' queue (seen: a test hung in _terminate_pool joining that thread). The
+        # workers only finish the few prefetched decodes still queued, then exit.
         if self._pool is not None:
-            self._pool.terminate()
+            self._pool.close()
+            self._pool.join()
             self._pool = None
         self._results = None
