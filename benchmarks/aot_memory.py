@@ -32,7 +32,9 @@ import time
 from owl_jax import aot
 from owl_jax.config import load_config
 
-RECIPES = {"stage1": "configs/owl_llama7b_stage1.yaml", "stage2": "configs/owl_llama7b_stage2_lora.yaml"}
+RECIPES = {"stage1": "configs/owl_llama7b_stage1.yaml", "stage2": "configs/owl_llama7b_stage2_lora.yaml",
+           "llava15_stage1": "configs/llava15_7b_stage1.yaml", "llava15_stage2": "configs/llava15_7b_stage2.yaml",
+           "llava15_lora": "configs/llava15_7b_lora.yaml"}
 TOPOLOGIES = ["v4-32", "v5e-64", "v5p-32", "v6e-32"]
 # XLA's out-of-HBM messages: "... Used 19.80G of 15.75G hbm ..." or "... the total memory required for HLO
 # temporaries (139.40G) exceeds available HBM (15.75G)" (the latter counts temporaries only)

@@ -12,6 +12,16 @@ image slot. A caption sample is ~90 tokens (64 visual + ~25 text) of a 512-token
 ~80% of the frozen LLM's compute, which is most of stage 1's (DESIGN.md §5). The sample that did not fit
 opens the next batch; it is always the next sample of this process's order, so the saved state is simply
 the state from before it (restoring re-reads it) and resume stays exact.
+
+Skips. A bad sample is skipped every time the order reaches it but counted once over the run: during the
+first pass (epoch 0, where each sample has exactly one position and one process takes it; see
+`order.py`), so the counts survive resume and re-splits and sum over processes to distinct samples.
+`skip_counts()` gives them by reason (sample reasons, plus `unreadable_shard` / `truncated_shard`, each
+shard counted once, by the process its number falls to). `data.max_skip_fraction` compares the
+first-pass bad samples with the first-pass samples taken (`considered`), both counted the same way.
+
+At the end of a finite run (`epochs`) the last batch keeps the samples it has and pads the other rows
+(segment id 0, no loss, no image), as the instruction pipeline does, so one pass shows every sample.
 """
 
 from __future__ import annotations
@@ -68,10 +78,12 @@ def read_raw(ref: SampleRef) -> tuple[bytes, bytes | str]:
             raise image_ops.BadSample("missing_caption")
         return image, caption
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    found = ", ".join(f".{e}" for e in sorted(members)) or "no members"
     if image_ext is None:
-        raise image_ops.BadSample("missing_image")
+        wanted = ", ".join(f".{e}" for e in IMAGE_EXTENSIONS)
+        raise image_ops.BadSample("missing_image", f"no image member ({wanted}); found {found}")
     if "txt" not in members:
-        raise image_ops.BadSample("missing_caption")
+        raise image_ops.BadSample("missing_caption", f"no .txt member; found {found}")
     return read_member(ref.path, *members[image_ext]), read_member(ref.path, *members["txt"])
 
 
@@ -95,7 +107,7 @@ def decode_sample(task: DecodeTask):
                                       normalize=False)
         return task.position, ref.key, pixels, caption, None, ""
     except image_ops.BadSample as e:
-        return task.position, ref.key, None, None, e.reason, str(e)
+        return task.position, ref.key, None, None, e.reason, str(e).removeprefix(e.reason).removeprefix(": ")
     except (OSError, ShardError) as e:
         return task.position, ref.key, None, None, "read_error", str(e)
 
@@ -191,7 +203,9 @@ class CaptionPipeline:
                             f"{self._state.num_processes}, not {process_index} of {num_processes}; "
                             f"remap saved states with CaptionPipeline.remap_states")
         self._windows: dict[tuple[int, int], list[SampleRef]] = {}
-        self._bad_shards: set[str] = set()
+        self._bad_shards: set[str] = set()  # shards this process has warned about
+        self._examples: dict[str, str] = {}  # reason -> the first sample / shard skipped for it (for errors)
+        self._first_pass_checked = False  # the skip fraction of the whole first pass (epoch 0) was checked
         self._pool = None
         self._results: Iterator | None = None
         self._last_good_epoch = self._state.epoch - 1 if self._state.seen == 0 else self._state.epoch
@@ -211,13 +225,11 @@ class CaptionPipeline:
                 try:
                     index = open_shard(source, cache_dir=self.cache_dir)
                 except ShardError as e:
-                    if source not in self._bad_shards:
-                        self._bad_shards.add(source)
-                        self._count("unreadable_shard", source, str(e))
+                    self._shard_failed(i, "unreadable_shard", str(e))
                     continue
-                if index.truncated and source not in self._bad_shards:
-                    self._bad_shards.add(source)
-                    self._count("truncated_shard", source, f"kept {len(index.samples)} samples")
+                if index.truncated:
+                    self._shard_failed(i, "truncated_shard", f"damaged; kept the {len(index.samples)} complete "
+                                                             f"samples before the damage")
                 refs.extend(index.samples)
             sample_order = window_sample_order(len(refs), epoch, window, self.seed, self.shuffle)
             self._windows = {k: v for k, v in self._windows.items() if k[0] >= epoch}  # bounded cache
@@ -235,7 +247,7 @@ class CaptionPipeline:
                 yield DecodeTask(pos, self._window(pos[0], pos[1])[pos[2]], self.image_size, self.train,
                                  self.seed, self.max_pixels, self.hflip)
             if not self._any_samples(st.epoch):
-                raise DataError(f"no samples at all in {len(self.sources)} shards ({dict(self._state.skipped)})")
+                raise DataError(f"no samples at all in {len(self.sources)} shards ({self._skip_summary()})")
             st = StreamState(process_index=st.process_index, num_processes=st.num_processes, epoch=st.epoch + 1,
                              exclude=[p for p in st.exclude if p[0] > st.epoch])
 
@@ -251,20 +263,49 @@ class CaptionPipeline:
         chunk = max(1, min(8, self.prefetch // (2 * self.num_workers)))
         return prefetched(self._pool, self._tasks(), self.prefetch, chunk)
 
-    def _count(self, reason: str, key: str, detail: str) -> None:
+    def _count(self, reason: str, key: str, detail: str, first_pass: bool = True) -> None:
+        """Count a skipped sample (first pass only: see the module docstring) and log it."""
+        if not first_pass:
+            log.debug("skipping %s again (%s): %s", key, reason, detail)
+            return
         self._state.skipped[reason] = self._state.skipped.get(reason, 0) + 1
+        self._examples.setdefault(reason, f"{key}: {detail}" if detail else key)
         log.warning("skipping %s (%s): %s", key, reason, detail)
+
+    def _shard_failed(self, number: int, reason: str, detail: str) -> None:
+        """A shard that is unreadable or damaged: warned about once per process, counted once per run by
+        the process its number falls to (`bad_shards` in the state remembers it across resumes)."""
+        source, st = self.sources[number], self._state
+        if source not in self._bad_shards:
+            self._bad_shards.add(source)
+            log.warning("shard %s (%s): %s", source, reason, detail)
+        self._examples.setdefault(reason, f"{source}: {detail}")
+        if number not in st.bad_shards and number % st.num_processes == st.process_index:
+            st.bad_shards.append(number)
+            st.skipped[reason] = st.skipped.get(reason, 0) + 1
+
+    def skip_counts(self) -> dict[str, int]:
+        """{reason: distinct bad samples (or shards, `*_shard`) skipped so far by this process}."""
+        return dict(self._state.skipped)
+
+    def _skip_summary(self) -> str:
+        """The skip counters and one example per reason, for error messages."""
+        examples = "; ".join(f"{reason}: {self._examples[reason]}" for reason in list(self._examples)[:4])
+        return f"{dict(self._state.skipped)}" + (f"; e.g. {examples}" if examples else "")
 
     def _advance(self, position) -> None:
         epoch, window, index = position
         self._state.epoch, self._state.window, self._state.index = epoch, window, index + self._state.num_processes
         self._state.exclude = [p for p in self._state.exclude if p > position]
 
-    def _check_skips(self) -> None:
+    def _check_skips(self, final: bool = False) -> None:
+        """DataError when more than max_skip_fraction of the first-pass samples were bad: from 200 samples
+        on, and at the end of the first pass (`final`) whatever the count (data smaller than 200 samples
+        is checked too, once all of it is known)."""
         bad = sum(v for k, v in self._state.skipped.items() if not k.endswith("_shard"))
-        total = bad + self._state.seen
-        if total >= 200 and bad > self.max_skip_fraction * total:
-            raise DataError(f"{bad} of {total} samples were unusable ({dict(self._state.skipped)}), more than "
+        total = self._state.considered
+        if (total >= 200 or (final and total)) and bad > self.max_skip_fraction * total:
+            raise DataError(f"{bad} of {total} samples were unusable ({self._skip_summary()}), more than "
                             f"data.max_skip_fraction={self.max_skip_fraction}; fix the data or raise the limit")
 
     def next_sample(self) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -292,9 +333,14 @@ class CaptionPipeline:
                 self._state_before_usable = self._state.to_json()
             self._advance(position)
             if position[0] > self._last_good_epoch + 1:
-                raise DataError(f"a whole epoch without one usable sample ({dict(self._state.skipped)})")
+                raise DataError(f"a whole epoch without one usable sample ({self._skip_summary()})")
+            first_pass = position[0] == 0
+            self._state.considered += first_pass
+            if not first_pass and not self._first_pass_checked:
+                self._first_pass_checked = True
+                self._check_skips(final=True)
             if reason is not None:
-                self._count(reason, key, detail)
+                self._count(reason, key, detail, first_pass)
                 self._check_skips()
                 continue
             tokens, weighted = self.captions(caption, self.seq_len)
@@ -317,11 +363,17 @@ class CaptionPipeline:
         images = []
         self.last_batch = []
         for r in range(rows):
-            key, px, tok, w = self._next_usable()
+            try:
+                key, px, tok, w = self._next_usable()
+            except StopIteration:
+                if not images:
+                    raise
+                break  # the end of a finite run: the rows left stay padding (module docstring)
             tokens[r, :len(tok)], weighted[r, :len(tok)], segment_ids[r, :len(tok)] = tok, w, 1
             images.append(px)
             self.last_batch.append(CaptionSampleInfo(key, r, 1))
-        index, pixel_row = plan_micro_batched_slots(tokens, np.ones(rows, np.int64),
+        num_images = (np.arange(rows) < len(images)).astype(np.int64)
+        index, pixel_row = plan_micro_batched_slots(tokens, num_images,
                                                     tokens_per_image=self.tokens_per_image,
                                                     image_budget=self.image_budget,
                                                     num_micro_batches=self.micro_batches)

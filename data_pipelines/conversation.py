@@ -33,7 +33,9 @@ SYSTEM_PROMPT = ("The following is a conversation between a curious human and AI
 IMAGE_TAG = "<image>"
 HUMAN, AI = "human", "ai"
 _LABEL = {HUMAN: "Human", AI: "AI"}
-_MARKERS = ("\nHuman: ", "\nAI: ")
+#: The official format's role markers: no turn text may contain them (`validate`).
+MPLUG_MARKERS = ("\nHuman: ", "\nAI: ")
+_MARKERS = MPLUG_MARKERS
 
 
 class BadRecord(ValueError):
@@ -62,20 +64,22 @@ class Conversation:
 
 
 def make_conversation(turns: Sequence[tuple[str, str] | Turn], images: Sequence[str] = (),
-                      system: str = SYSTEM_PROMPT) -> Conversation:
-    """A validated Conversation from (role, text) pairs."""
+                      system: str = SYSTEM_PROMPT, *, markers: Sequence[str] = MPLUG_MARKERS) -> Conversation:
+    """A validated Conversation from (role, text) pairs (`markers`: see `validate`)."""
     conv = Conversation(tuple(t if isinstance(t, Turn) else Turn(*t) for t in turns), tuple(images), system)
-    validate(conv)
+    validate(conv, markers)
     return conv
 
 
-def check_system_prompt(system: str) -> None:
-    """Raise BadRecord unless `system` can open a rendered conversation."""
+def check_system_prompt(system: str, markers: Sequence[str] = MPLUG_MARKERS) -> None:
+    """Raise BadRecord unless `system` can open a rendered conversation: no `<image>`, none of the template's
+    `markers` (the official format's by default; there a system prompt may not start with 'Human: ' either)."""
     if not isinstance(system, str):
         raise BadRecord("system prompt is not a string")
     if IMAGE_TAG in system:
         raise BadRecord("<image> in the system prompt")
-    if any(m in system for m in _MARKERS) or system.startswith("Human: "):
+    official = tuple(markers) == MPLUG_MARKERS
+    if any(m in system for m in markers) or (official and system.startswith("Human: ")):
         raise BadRecord("system prompt contains a role marker")
 
 
@@ -87,9 +91,11 @@ def with_system_prompt(conv: Conversation, system: str | None) -> Conversation:
     return dataclasses.replace(conv, system=system)
 
 
-def validate(conv: Conversation) -> None:
-    """Raise BadRecord unless `conv` can be rendered and trained on (see the module docstring)."""
-    check_system_prompt(conv.system)
+def validate(conv: Conversation, markers: Sequence[str] = MPLUG_MARKERS) -> None:
+    """Raise BadRecord unless `conv` can be rendered and trained on (see the module docstring). `markers` are
+    the strings of the template's structure that no text may contain (`templates.Template.markers`; by
+    default the official format's role markers)."""
+    check_system_prompt(conv.system, markers)
     if not all(isinstance(i, str) and i for i in conv.images):
         raise BadRecord("image references must be non-empty strings")
     if not conv.turns:
@@ -102,8 +108,11 @@ def validate(conv: Conversation) -> None:
             raise BadRecord(f"turn {k}: text is {type(turn.text).__name__}, not str")
         if not turn.text.strip():
             raise BadRecord(f"turn {k}: empty {turn.role} turn")
-        if any(m in turn.text for m in _MARKERS):
+        if tuple(markers) == MPLUG_MARKERS and any(m in turn.text for m in markers):
             raise BadRecord(f"turn {k}: text contains a role marker ('\\nHuman: ' or '\\nAI: ')")
+        found = next((m for m in markers if m in turn.text), None)
+        if found is not None:
+            raise BadRecord(f"turn {k}: text contains a role marker ({found!r}) of the conversation template")
         if turn.role == AI:
             if IMAGE_TAG in turn.text:
                 raise BadRecord(f"turn {k}: <image> in an AI turn")
@@ -169,7 +178,8 @@ def from_official(record: Mapping) -> Conversation:
     return parse_official_text(record["text"], _images(record.get("image"), "image"))
 
 
-def from_alpaca(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
+def from_alpaca(record: Mapping, system: str = SYSTEM_PROMPT, *, markers: Sequence[str] = MPLUG_MARKERS
+                ) -> Conversation:
     """Alpaca: {"instruction", "input" (optional, may be ""), "output"}; the human turn is
     instruction + "\\n" + input, as in mPLUG-Owl's released instruction data."""
     _require(record, "instruction", "output")
@@ -177,7 +187,7 @@ def from_alpaca(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
     if not all(isinstance(v, str) for v in (instruction, extra, output)):
         raise BadRecord("instruction/input/output must be strings")
     question = f"{instruction}\n{extra}" if extra.strip() else instruction
-    return make_conversation([(HUMAN, question), (AI, output)], system=system)
+    return make_conversation([(HUMAN, question), (AI, output)], system=system, markers=markers)
 
 
 _SHAREGPT_ROLES = {"human": HUMAN, "user": HUMAN, "gpt": AI, "assistant": AI, "chatgpt": AI, "bard": AI,
@@ -210,20 +220,27 @@ def _messages(record: Mapping, roles: Mapping[str, str]) -> tuple[list[tuple[str
     return out, system
 
 
-def from_sharegpt(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
+def from_sharegpt(record: Mapping, system: str = SYSTEM_PROMPT, *, markers: Sequence[str] = MPLUG_MARKERS
+                  ) -> Conversation:
     """ShareGPT / Vicuna: {"conversations": [{"from": "human"|"user", "value"}, {"from": "gpt"|"assistant"|
     "chatgpt"|"bard"|..., "value"}, ...]}; an optional leading {"from": "system"} replaces the system
     prompt. Speakers must alternate, starting with the human and ending with the assistant."""
     msgs, own_system = _messages(record, _SHAREGPT_ROLES)
-    return make_conversation(msgs, system=own_system if own_system is not None else system)
+    return make_conversation(msgs, system=own_system if own_system is not None else system, markers=markers)
 
 
-def from_llava(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
-    """LLaVA-Instruct: {"image": "x.jpg" (or a list), "conversations": [{"from": "human", "value":
-    "<image>\\nWhat ...?"}, {"from": "gpt", ...}, ...]}. As in mPLUG-Owl's converted LLaVA data, each
-    `<image>` of a human message becomes its own 'Human: <image>' line before the question (wherever
-    the tag stood in the message)."""
+def from_llava(record: Mapping, system: str = SYSTEM_PROMPT, *, markers: Sequence[str] = MPLUG_MARKERS
+               ) -> Conversation:
+    """LLaVA-Instruct, LLaVA-Pretrain (`blip_laion_cc_sbu_558k.json`, `chat.json`) and `llava_v1_5_mix665k.json`
+    (entries without "image" are text-only): {"id": ..., "image": "x.jpg" (or a list, or absent),
+    "conversations": [{"from": "human", "value": "<image>\\nWhat ...?"}, {"from": "gpt", ...}, ...]}. As in
+    mPLUG-Owl's converted LLaVA data, each `<image>` of a human message becomes its own 'Human: <image>' line
+    before the question (wherever the tag stood in the message; the LLaVA templates put it back in front of the
+    question, as LLaVA's `preprocess_multimodal` does). A leading "gpt" message is dropped, as LLaVA's
+    `preprocess_*` functions drop it."""
     msgs, _ = _messages(record, {"human": HUMAN, "gpt": AI})
+    if msgs and msgs[0][0] == AI:
+        msgs = msgs[1:]
     images = _images(record.get("image"), "image")
     turns: list[tuple[str, str]] = []
     for role, text in msgs:
@@ -233,13 +250,14 @@ def from_llava(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
             if not text:
                 continue
         turns.append((role, text))
-    return make_conversation(turns, images, system)
+    return make_conversation(turns, images, system, markers=markers)
 
 
 _BAIZE_SPLIT = re.compile(r"\[\|(Human|AI)\|\]")
 
 
-def from_baize(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
+def from_baize(record: Mapping, system: str = SYSTEM_PROMPT, *, markers: Sequence[str] = MPLUG_MARKERS
+               ) -> Conversation:
     """Baize (project-baize `*_chat_data.json`, a list of {"topic", "input"}): `input` is
     "The conversation between human and AI assistant.\\n[|Human|] q\\n[|AI|] a\\n...[|Human|] " — a
     header line, then alternating markers, ending with an empty human turn that is dropped. The
@@ -257,17 +275,18 @@ def from_baize(record: Mapping, system: str = SYSTEM_PROMPT) -> Conversation:
     for k in range(1, len(turns)):
         if turns[k][0] == turns[k - 1][0]:
             raise BadRecord(f"turns {k - 1} and {k} are both {turns[k][0]} (turns must alternate)")
-    return make_conversation(turns, system=system)
+    return make_conversation(turns, system=system, markers=markers)
 
 
 READERS = {"official": from_official, "mplug_owl": from_official, "alpaca": from_alpaca,
            "sharegpt": from_sharegpt, "vicuna": from_sharegpt, "llava": from_llava, "baize": from_baize}
 
 
-def read_record(record: Any, source: str) -> Conversation:
-    """The Conversation of one record of `source` (a key of READERS)."""
+def read_record(record: Any, source: str, *, markers: Sequence[str] = MPLUG_MARKERS) -> Conversation:
+    """The Conversation of one record of `source` (a key of READERS); no text may contain one of `markers`
+    (the conversation template's, `templates.Template.markers`; the official format is parsed at its own)."""
     try:
         reader = READERS[source]
     except KeyError:
         raise ValueError(f"unknown instruction source {source!r}; known: {sorted(READERS)}") from None
-    return reader(record)
+    return reader(record) if reader is from_official else reader(record, markers=markers)

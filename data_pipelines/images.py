@@ -12,8 +12,10 @@ keeping the aspect ratio (as the official inference does); training takes a rand
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -22,8 +24,11 @@ from PIL import Image
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
-# Images above this many pixels are refused before decoding (PIL's bomb check reads only the header).
+# Images above this many pixels are refused before decoding (the check reads only the header). Raise
+# it (make_shards --max-pixels, data.max_pixels) for real photos above ~90 MP (10000 x 10000 is 100 MP).
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default warning threshold (~ 9459 x 9459)
+
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 class BadSample(Exception):
@@ -54,22 +59,41 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
 
 
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int):
+    """Let PIL open images up to `max_pixels`. PIL has its own bomb check on a module global
+    (`Image.MAX_IMAGE_PIXELS`: a warning above it, which `decode_image` ignores since it checks
+    `max_pixels` itself, and an error above twice it). Only when `max_pixels` is above that error limit
+    is the global raised, for this decode, under a lock so that overlapping decodes in threads restore it
+    correctly; the images of other decodes meanwhile are still held to their own `max_pixels`."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or max_pixels <= 2 * limit:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> RGB PIL image, or BadSample."""
+    """Bytes -> RGB PIL image, or BadSample (`decompression_bomb` above `max_pixels`, from the header)."""
     if not data:
         raise BadSample("empty_image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(), _pil_pixel_limit(max_pixels):
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides
             image = Image.open(io.BytesIO(data))
             w, h = image.size
             if w * h > max_pixels:
-                raise BadSample("decompression_bomb", f"{w}x{h} pixels")
+                raise BadSample("decompression_bomb", f"{w}x{h} pixels, more than max_pixels={max_pixels}")
             image.load()
     except BadSample:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadSample("decompression_bomb", str(e)) from None
+    except Image.DecompressionBombError as e:  # PIL's own limit; only below it when max_pixels is too
+        raise BadSample("decompression_bomb", f"more than max_pixels={max_pixels} ({e})") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for corrupt data
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     if image.size[0] < 1 or image.size[1] < 1:
@@ -78,6 +102,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         return _to_rgb(image)
     except Exception as e:
         raise BadSample("unsupported_image_mode", f"{image.mode}: {e}") from None
+
+
+def image_format(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """PIL's format name of encoded image bytes ("JPEG", "PNG", ...), from the header only, under the same
+    pixel limit as `decode_image` (call it on bytes that decoded)."""
+    with warnings.catch_warnings(), _pil_pixel_limit(max_pixels):
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.format
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *, scale=(0.5, 1.0),

@@ -12,12 +12,14 @@ plus the row, segment id and positions of each sample, and warnings for layouts 
 (loss on an image slot or across a segment boundary, a target that is not the next token, a sample with
 nothing trained). `--tokens` prints one line per token instead (position, segment, id, target, mark,
 image and slot). Colour is used on a terminal (`--color auto`); `--color never` gives plain text for
-logs and files.
+logs and files. It prints `-n` samples (a partial last batch of a one-pass pipeline included; fewer only
+when the data has fewer, which it says) and the skipped samples by reason (`no_trained_tokens` among them:
+a sample whose loss would be zero is never trained on); it writes no files.
 
     python -m data_pipelines.inspect --config configs/demo_stage2.yaml [key=value ...] [-n 4] [--split eval]
     python -m data_pipelines.inspect --shards 'out/{00000..00003}.tar' --tokenizer toy:512
     python -m data_pipelines.inspect --instructions data.jsonl --format llava --image-root img \\
-        --tokenizer tokenizer.model [--packing]
+        --tokenizer tokenizer.model [--template vicuna_v1] [--packing]
 
 (The module shares its name with the standard library's `inspect`; that is harmless because the package
 is only ever imported as `data_pipelines.*` with absolute imports. Never put `data_pipelines/` itself
@@ -36,6 +38,7 @@ from typing import TextIO
 import numpy as np
 
 from data_pipelines import images as image_ops
+from data_pipelines.templates import TEMPLATES
 
 TRAIN, MASK, IMAGE = "TRAIN", "mask", "IMAGE"
 _COLOURS = {TRAIN: "\033[1;32m", MASK: "\033[2m", IMAGE: "\033[35m", "warn": "\033[1;31m"}
@@ -278,16 +281,18 @@ def pipeline_from_args(args: argparse.Namespace):
 
     tokenizer = load_tokenizer(args.tokenizer)
     common = {"tokenizer": tokenizer, "seq_len": args.seq_len, "rows": args.rows, "image_size": args.image_size,
-              "tokens_per_image": args.tokens_per_image, "seed": args.seed, "train": args.train, "epochs": 1}
+              "tokens_per_image": args.tokens_per_image, "seed": args.seed, "train": args.train, "epochs": 1,
+              "max_pixels": args.max_pixels}
     if args.shards:
         from data_pipelines.captions import CaptionPipeline
         budget = args.image_budget or (4 * args.rows if args.packing else args.rows)
-        return (CaptionPipeline(args.shards, image_budget=budget, template=args.template, shuffle=args.train,
+        return (CaptionPipeline(args.shards, image_budget=budget, template=args.caption_template, shuffle=args.train,
                                 packing=args.packing, **common), tokenizer, args.tokens_per_image)
     from data_pipelines.instructions import InstructionPipeline, InstructionSource
     source = InstructionSource("data", args.instructions, args.format, image_root=args.image_root)
     return (InstructionPipeline([source], image_budget=args.image_budget or 4 * args.rows, packing=args.packing,
-                                **common), tokenizer, args.tokens_per_image)
+                                template=args.template or "mplug_owl", system_prompt=args.system_prompt, **common),
+            tokenizer, args.tokens_per_image)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -306,7 +311,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--tokenizer", help="tokenizer.model / tokenizer.json / folder / toy:VOCAB")
     d.add_argument("--format", default="official", help="instruction format (a key of conversation.READERS)")
     d.add_argument("--image-root", default="", help="folder instruction image paths are relative to")
-    d.add_argument("--template", default="<image>{caption}", help="caption template")
+    d.add_argument("--caption-template", default="<image>{caption}", help="caption template (with --shards)")
+    d.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                   help="conversation template of --instructions (default mplug_owl; with --config: data.template)")
+    d.add_argument("--system-prompt", default=None, help="system prompt (default: the template's)")
     d.add_argument("--seq-len", type=int, default=256)
     d.add_argument("--rows", type=int, default=4)
     d.add_argument("--image-budget", type=int, default=0, help="image slots per batch (default: rows, or 4x rows)")
@@ -315,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--packing", action="store_true", help="pack several samples per row (segment ids)")
     d.add_argument("--train", action="store_true", help="training order and augmentation (default: eval)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-pixels", type=int, default=image_ops.DEFAULT_MAX_PIXELS,
+                   help="skip larger images as decompression_bomb (with --config: data.max_pixels=N)")
     return p
 
 
@@ -328,6 +338,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         p.error("key=value overrides need --config")
     if not args.config and not args.tokenizer:
         p.error("--shards / --instructions need --tokenizer")
+    if (args.template or args.system_prompt is not None) and not args.instructions:
+        p.error("--template / --system-prompt are for --instructions (with --config: data.template=...)")
     try:
         if args.config:
             from owl_jax.config import ConfigError
@@ -341,6 +353,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         colour = args.color == "always" or (args.color == "auto" and out.isatty())
         printer = Printer(tokenizer, tokens_per_image=tpi, colour=colour, per_token=args.tokens, out=out)
         printer.legend()
+        template = getattr(pipeline, "template", None)
+        if template is not None:
+            print(f"(conversation template {template.name})", file=out)
         shown = 0
         try:
             for sample, batch in iter_samples(pipeline, args.samples, tokens_per_image=tpi):
@@ -348,8 +363,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 shown += 1
         finally:
             pipeline.close()
-        skipped = pipeline.state().get("skipped") or {}
-        print(f"({shown} sample(s); skipped so far: {dict(skipped) or 'none'})", file=out)
+        skipped = pipeline.skip_counts()
+        short = f"; the data has only {shown}" if shown < args.samples else ""
+        print(f"({shown} sample(s){short}; skipped so far: {skipped or 'none'})", file=out)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

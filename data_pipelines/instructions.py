@@ -1,7 +1,9 @@
 """Stage-2 input pipeline: a weighted mixture of instruction sources -> static-shape training batches.
 
 Sources (`InstructionSource`) are json files (one list of records) or jsonl files (one record per line)
-in one of the formats of `conversation.READERS` (official, llava, alpaca, sharegpt, baize, ...). Image
+in one of the formats of `conversation.READERS` (official, llava — LLaVA-Instruct, LLaVA-Pretrain's
+`blip_laion_cc_sbu_558k.json` / `chat.json`, `llava_v1_5_mix665k.json` with its text-only entries —, alpaca,
+sharegpt, baize, ...). Image
 references are file paths, relative ones resolved against the source's `image_root`, or members of tar
 shards written by `make_shards` (`images-00000.tar/000000012.jpg`, see `image_refs`).
 
@@ -33,8 +35,10 @@ Batches
 -------
 Every batch has `rows` rows of `seq_len` tokens and a budget of `image_budget` images per process
 (`image_budget / micro_batches` per micro-batch; micro-batch j is rows j, j+k, ... as in
-`plan_micro_batched_slots`). Text-only and image samples share batches. Samples are tokenised and
-truncated by `tokenize.to_training_sample` (a sample left without an answer is skipped as `too_long`);
+`plan_micro_batched_slots`). Text-only and image samples share batches. Samples are rendered in the conversation template (`template`,
+`templates.TEMPLATES`: mplug_owl, plain, vicuna_v1, ...), tokenised and truncated by
+`tokenize.to_training_sample` (a sample left without an answer is skipped as `too_long`, one with no trained
+token as `no_trained_tokens`: LLaVA's "tokenization mismatch" samples, which train a zero loss there);
 a sample with more images than one micro-batch's budget is skipped as `too_many_images`.
 
 Filling a batch tries, in order, the samples carried over from the previous batch and then fresh
@@ -63,11 +67,15 @@ Bad data
 Malformed json lines (`malformed_json`), records the readers or the tokeniser reject (reason derived
 from the `BadRecord` message: `unknown_speaker`, `too_long`, `not_alternating`, ...), missing images
 (`missing_image`), undecodable ones (`images.decode_image`'s reasons: `corrupt_image`, ...) and
-`too_many_images` are skipped when the order reaches them, counted by reason and logged with the
-source name and record index (and line number for jsonl). More than `max_skip_fraction` bad samples
-(once at least 200 were considered) raises `DataError`. A source without one usable record is an
-error at construction, naming it; a stream that yields nothing usable for a whole epoch's worth of
-samples raises instead of spinning.
+`too_many_images` are skipped whenever the order reaches them, but counted (by reason, logged with the
+source name and record index, and line number for jsonl) once over the run: on the record's first draw,
+i.e. in cycle 0 of epoch 0 of its source, where every record is drawn exactly once and by one process
+(`skip_counts()`). The counts survive resume and re-splits (they are in the state) and sum over
+processes to distinct bad records. More than `max_skip_fraction` bad records among the first draws
+(`considered`, counted the same way; checked once at least 200 were considered, and when epoch 0 ends
+whatever the count) raises `DataError`. A source without one usable record is an error at construction,
+naming it; a stream that yields nothing usable for a whole epoch's worth of samples raises instead of
+spinning.
 
 Images are decoded inline (instruction data is mostly text); `decode_images(ImageTask)` is a plain
 function of picklable arguments, so a worker pool could run it as `captions.decode_sample` does.
@@ -90,9 +98,10 @@ import numpy as np
 
 from data_pipelines import images as image_ops
 from data_pipelines.captions import DataError
-from data_pipelines.conversation import READERS, BadRecord, check_system_prompt, read_record, with_system_prompt
+from data_pipelines.conversation import READERS, BadRecord, read_record
 from data_pipelines.image_refs import image_exists, read_image_bytes
 from data_pipelines.packing import pack_batch, pad_batch
+from data_pipelines.templates import get_template
 from data_pipelines.tokenize import to_training_sample
 
 log = logging.getLogger(__name__)
@@ -165,11 +174,13 @@ def load_records(source: InstructionSource) -> tuple[list[Any], Optional[list[in
 
 
 # Short counter keys for BadRecord messages (the full message goes to the log).
-_REASONS = (("too long", "too_long"), ("unknown speaker", "unknown_speaker"), ("unknown role", "unknown_role"),
+_REASONS = (("no trained tokens", "no_trained_tokens"), ("tokenization mismatch", "tokenization_mismatch"),
+            ("too long", "too_long"), ("unknown speaker", "unknown_speaker"), ("unknown role", "unknown_role"),
             ("must alternate", "not_alternating"), ("ends with a human turn", "no_answer"),
             ("<image> tags but", "image_count_mismatch"), ("two <image> slots", "adjacent_images"),
             ("<image> in", "misplaced_image_tag"), ("role marker", "role_marker_in_text"),
             ("missing field", "missing_field"), ("lacks 'from'/'value'", "malformed_message"),
+            ("plain template takes one image", "not_an_image_caption_pair"),
             ("not an object", "not_an_object"), ("empty", "empty_turn"), ("no turns", "no_turns"))
 
 
@@ -258,9 +269,17 @@ class _State:
     usable: dict[str, int]         # ... per source
     mixture: dict                  # fingerprint of sources, weights and seed
     exclude: list[int] = dataclasses.field(default_factory=list)  # indices >= next consumed before a remap
+    considered: int = 0            # first draws of records taken, usable or not (the skip fraction's total)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, state: dict) -> "_State":
+        saved = json.loads(json.dumps(state))
+        if "considered" not in saved:  # saved before first-draw counting: the old denominator (usable + bad)
+            saved["considered"] = saved.get("seen", 0) + sum(saved.get("skipped", {}).values())
+        return cls(**saved)
 
 
 class InstructionPipeline:
@@ -276,7 +295,7 @@ class InstructionPipeline:
                  packing: bool = False, process_index: int = 0, num_processes: int = 1, micro_batches: int = 1,
                  max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
                  state: dict | None = None, epochs: Optional[int] = None, hflip: bool = True,
-                 system_prompt: Optional[str] = None):
+                 system_prompt: Optional[str] = None, template: str = "mplug_owl"):
         self.sources = list(sources)
         if not self.sources:
             raise DataError("no instruction sources")
@@ -300,9 +319,13 @@ class InstructionPipeline:
         self.image_size, self.tokens_per_image, self.micro_batches = image_size, tokens_per_image, micro_batches
         self.seed, self.train, self.packing, self.epochs = seed, train, packing, epochs
         self.hflip = hflip
+        try:
+            self.template = get_template(template)
+        except ValueError as e:
+            raise DataError(str(e)) from None
         if system_prompt is not None:
             try:
-                check_system_prompt(system_prompt)
+                self.template.check_system(system_prompt)
             except BadRecord as e:
                 raise DataError(f"system_prompt {system_prompt!r}: {e.reason}") from None
         self.system_prompt = system_prompt
@@ -327,7 +350,7 @@ class InstructionPipeline:
                                  {s.name: 0 for s in self.sources}, fingerprint)
         else:
             try:
-                self._state = _State(**json.loads(json.dumps(state)))
+                self._state = _State.from_json(state)
             except TypeError as e:
                 raise DataError(f"not an InstructionPipeline state: {e}") from None
             if (self._state.process_index, self._state.num_processes) != (process_index, num_processes):
@@ -338,6 +361,8 @@ class InstructionPipeline:
                                 f"{fingerprint}; the order would differ")
         self._pending: Optional[list[_Prepared]] = None  # materialised from state.pending on first use
         self._bad_streak = 0
+        self._examples: dict[str, str] = {}  # reason -> the first record skipped for it (for errors)
+        self._first_pass_checked = False  # the skip fraction of all of epoch 0 was checked
         self.last_batch: list[SampleInfo] = []
 
     # ---------------------------------------------------------------- mixture and order
@@ -402,11 +427,14 @@ class InstructionPipeline:
         src, rec = self.sources[source], self._records[source][record]
         if isinstance(rec, _Malformed):
             raise image_ops.BadSample("malformed_json", rec.detail)
+        template = self.template
         try:
-            sample = to_training_sample(with_system_prompt(read_record(rec, src.format), self.system_prompt),
-                                        self.tokenizer, self.seq_len, self.tokens_per_image)
+            conv = template.with_system(read_record(rec, src.format, markers=template.markers), self.system_prompt)
+            sample = to_training_sample(conv, self.tokenizer, self.seq_len, self.tokens_per_image, template=template)
         except BadRecord as e:
             raise image_ops.BadSample(reason_key(e.reason), e.reason) from None
+        if not sample.loss_mask.any():  # (to_training_sample refuses these already; never train a zero loss)
+            raise image_ops.BadSample("no_trained_tokens", "the sample has no trained token")
         if sample.num_images > self.images_per_micro_batch:
             raise image_ops.BadSample("too_many_images", f"{sample.num_images} images, budget "
                                       f"{self.images_per_micro_batch} per micro-batch")
@@ -435,17 +463,41 @@ class InstructionPipeline:
         pixels = decode_images(task)
         return _Prepared(index, source, record, sample.tokens, sample.targets, sample.loss_mask, pixels)
 
-    def _count(self, reason: str, index: int, detail: str) -> None:
-        source, record = self.locate(index)
-        self._state.skipped[reason] = self._state.skipped.get(reason, 0) + 1
-        log.warning("skipping instruction record %s, sample %d (%s): %s", self._where(source, record), index,
-                    reason, detail)
+    def first_draw(self, index: int) -> bool:
+        """Whether global sample `index` is its record's first draw in the run (epoch 0, cycle 0 of its
+        source: each record exactly once)."""
+        epoch, k = divmod(index, self.epoch_length)
+        if epoch:
+            return False
+        src, num = self._schedule(0)
+        return int(num[k]) < len(self._records[int(src[k])])
 
-    def _check_skips(self) -> None:
+    def _count(self, reason: str, index: int, detail: str) -> None:
+        """Count a skipped record on its first draw only (module docstring) and log it."""
+        source, record = self.locate(index)
+        where = self._where(source, record)
+        if not self.first_draw(index):
+            log.debug("skipping instruction record %s again, sample %d (%s): %s", where, index, reason, detail)
+            return
+        self._state.skipped[reason] = self._state.skipped.get(reason, 0) + 1
+        self._examples.setdefault(reason, f"{where}: {detail}")
+        log.warning("skipping instruction record %s, sample %d (%s): %s", where, index, reason, detail)
+
+    def skip_counts(self) -> dict[str, int]:
+        """{reason: distinct bad records skipped so far by this process}."""
+        return dict(self._state.skipped)
+
+    def _skip_summary(self) -> str:
+        examples = "; ".join(f"{reason}: {self._examples[reason]}" for reason in list(self._examples)[:4])
+        return f"{dict(self._state.skipped)}" + (f"; e.g. {examples}" if examples else "")
+
+    def _check_skips(self, final: bool = False) -> None:
+        """DataError above max_skip_fraction bad first draws: from 200 considered on, and at the end of
+        epoch 0 (`final`) whatever the count."""
         bad = sum(self._state.skipped.values())
-        total = bad + self._state.seen
-        if total >= MIN_SAMPLES_FOR_SKIP_CHECK and bad > self.max_skip_fraction * total:
-            raise DataError(f"{bad} of {total} instruction samples were unusable ({dict(self._state.skipped)}), "
+        total = self._state.considered
+        if (total >= MIN_SAMPLES_FOR_SKIP_CHECK or (final and total)) and bad > self.max_skip_fraction * total:
+            raise DataError(f"{bad} of {total} instruction samples were unusable ({self._skip_summary()}), "
                             f"more than data.max_skip_fraction={self.max_skip_fraction}; fix the data or raise "
                             f"the limit")
 
@@ -460,15 +512,20 @@ class InstructionPipeline:
             if st.exclude and index in st.exclude:  # consumed by another process before a remap
                 st.exclude.remove(index)
                 continue
+            if index >= self.epoch_length and not self._first_pass_checked:
+                self._first_pass_checked = True
+                self._check_skips(final=True)
+            first = self.first_draw(index)
+            st.considered += first
             try:
                 sample = self._prepare(index)
             except image_ops.BadSample as e:
-                self._count(e.reason, index, str(e))
+                self._count(e.reason, index, str(e).removeprefix(e.reason).removeprefix(": "))
                 self._check_skips()
                 self._bad_streak += 1
                 if self._bad_streak >= max(self.epoch_length, MIN_SAMPLES_FOR_SKIP_CHECK):
                     raise DataError(f"{self._bad_streak} instruction samples in a row without a usable one "
-                                    f"({dict(st.skipped)})") from None
+                                    f"({self._skip_summary()})") from None
                 continue
             self._bad_streak = 0
             st.seen += 1
@@ -483,7 +540,7 @@ class InstructionPipeline:
                 try:
                     self._pending.append(self._prepare(index))
                 except image_ops.BadSample as e:  # the data changed since the state was saved
-                    self._count(e.reason, index, f"{e} (carried sample, on restore)")
+                    self._count(e.reason, index, f"{e} (carried sample, on restore)")  # (already considered)
         return self._pending
 
     # ---------------------------------------------------------------- batches
@@ -556,11 +613,11 @@ class InstructionPipeline:
         continue it with no sample twice and none skipped. Old process p had considered every index
         ≡ p (mod P) below its `next`; from M = min(next) on, new process q considers the indices ≡ q
         (mod Q), excluding those some old process already considered. Samples carried by old processes
-        are dealt out to the new ones (round robin) and open their first batches; the skip and usable
-        counters move to process 0. The continuation is a valid order, not the order a Q-process run
-        from the start would have had."""
+        are dealt out to the new ones (round robin) and open their first batches; the skip, usable and
+        considered counters move to process 0. The continuation is a valid order, not the order a
+        Q-process run from the start would have had."""
         q_count = num_processes or self._state.num_processes
-        old = [_State(**json.loads(json.dumps(st))) for st in states]
+        old = [_State.from_json(st) for st in states]
         p_count = len(old)
         if sorted(st.process_index for st in old) != list(range(p_count)) or any(
                 st.num_processes != p_count for st in old):
@@ -585,7 +642,8 @@ class InstructionPipeline:
             new.append(_State(q, q_count, first, carried[q::q_count],
                               dict(skipped) if q == 0 else {}, sum(st.seen for st in old) if q == 0 else 0,
                               {k: (usable.get(k, 0) if q == 0 else 0) for k in old[0].usable}, old[0].mixture,
-                              sorted(g for g in considered if g % q_count == q % q_count)).to_json())
+                              sorted(g for g in considered if g % q_count == q % q_count),
+                              considered=sum(st.considered for st in old) if q == 0 else 0).to_json())
         return new
 
     def close(self) -> None:

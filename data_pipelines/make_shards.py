@@ -12,10 +12,17 @@
 Why: a training run must not discover at step 40,000 that a caption file points at missing pictures.
 Every row is checked here (the image decodes, the caption is there, the record reads) and every bad one
 is counted by reason, logged with its row or record number, and reported at the end, never silently
-dropped; `--max-skip-fraction` turns a mostly-broken input (wrong image folder, wrong column) into an
-error. Image bytes are copied unchanged when they are JPEG, PNG or WebP (no generation loss) unless
-`--image-format` asks for one format; anything else (BMP, TIFF, GIF, ...) is re-encoded as JPEG.
-Keys are the input row / image numbers, so a key leads back to its row.
+dropped; `--max-skip-fraction` (default 0.1; 1 accepts anything) turns a mostly-broken input (wrong
+image folder, wrong column) into an error (exit 1). Images above `--max-pixels` are refused as
+`decompression_bomb`. Image bytes are copied unchanged when they are JPEG, PNG or WebP (no generation
+loss) unless `--image-format` asks for one format; anything else (BMP, TIFF, GIF, ...) is re-encoded as
+JPEG. Keys are the input row / image numbers, so a key leads back to its row.
+
+The output folder is checked before any work (a file in its path, no write permission: one line, exit
+2). A folder that is not empty is refused (exit 2): new shards next to old ones would be read as one set
+(`out/*.tar`, or a brace pattern reaching an old higher-numbered shard). `--force` writes there anyway
+and first removes what the new set replaces: the shards of its own pattern (`PREFIX<number>.tar`, any
+number), its records file (instructions) and its `*_stats.json`; other files are left alone.
 """
 
 from __future__ import annotations
@@ -25,23 +32,22 @@ import collections
 import contextlib
 import csv
 import dataclasses
-import io
 import json
 import logging
 import math
 import multiprocessing
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 
 from data_pipelines import images as image_ops
 from data_pipelines.conversation import READERS, BadRecord, read_record
-from data_pipelines.image_refs import read_image_bytes
+from data_pipelines.image_refs import read_image_bytes, split_tar_ref
 from data_pipelines.instructions import (
     DataError,
     InstructionSource,
@@ -57,6 +63,7 @@ CAPTION_COLUMNS = ("caption", "text")
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 MIN_ROWS_FOR_SKIP_CHECK = 200
 EXAMPLES_PER_REASON = 3
+DEFAULT_MAX_SKIP_FRACTION = 0.1
 
 
 class MakeShardsError(RuntimeError):
@@ -66,6 +73,55 @@ class MakeShardsError(RuntimeError):
     def __init__(self, message: str, report: Report | None = None):
         super().__init__(message)
         self.report = report
+
+
+class OutputError(MakeShardsError):
+    """--out cannot take the new shards (not a writable folder, or not empty without --force): exit 2,
+    raised before any work."""
+
+
+def _owned_files(prefix: str, extra: Sequence[str]) -> re.Pattern:
+    """The file names a new set writes (and so replaces): its numbered shards and `extra` names."""
+    names = "|".join(re.escape(n) for n in extra)
+    return re.compile(rf"{re.escape(prefix)}\d+\.tar" + (f"|{names}" if names else ""))
+
+
+def check_output(out_dir: str, force: bool) -> None:
+    """The first thing a conversion does (no input read yet, nothing created): OutputError when a file
+    sits where a folder must be, the folder (or the nearest existing folder above it) cannot be written,
+    or it is not empty and `force` is off."""
+    from owl_jax.paths import OutputPathError, check_writable_dir, nearest_existing
+    try:
+        check_writable_dir(out_dir, "--out", create=False)
+    except OutputPathError as e:
+        raise OutputError(str(e)) from None
+    entries = sorted(os.listdir(out_dir)) if nearest_existing(out_dir) == Path(os.path.abspath(out_dir)) else []
+    if entries and not force:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise OutputError(f"--out {out_dir} is not empty ({len(entries)} entries: {shown}); choose an empty "
+                          f"folder, or pass --force to replace the shards of this set there")
+
+
+def prepare_output(out_dir: str, owned: re.Pattern) -> list[str]:
+    """Create `out_dir` once the inputs are known to be readable, and remove the regular files whose names
+    `owned` matches (the old files of the set being written; only reached with --force when there are
+    any, see `check_output`). Returns the names removed."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out_dir}: cannot create it ({e.strerror or e})") from None
+    removed = [name for name in sorted(os.listdir(out_dir)) if owned.fullmatch(name)]
+    for name in removed:
+        target = os.path.join(out_dir, name)
+        if not os.path.isfile(target) or os.path.islink(target):
+            raise OutputError(f"--out {out_dir}: {name} is not a regular file; remove it yourself")
+        try:
+            os.remove(target)
+        except OSError as e:
+            raise OutputError(f"--out {out_dir}: cannot remove the old {name} ({e.strerror or e})") from None
+    if removed:
+        log.warning("--force: removed %d old file(s) of this set from %s", len(removed), out_dir)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -101,7 +157,8 @@ class Report:
         if (final or self.considered >= MIN_ROWS_FOR_SKIP_CHECK) and bad > max_skip_fraction * self.considered:
             raise MakeShardsError(f"{bad} of {self.considered} rows were unusable ({dict(self.skipped)}), more "
                                   f"than --max-skip-fraction={max_skip_fraction}; check the image folder and "
-                                  f"the column names", self)
+                                  f"the column names (or raise the limit, with --force to replace what was "
+                                  f"written)", self)
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "shards": self.shards, "samples": self.samples, "images": self.images,
@@ -175,8 +232,7 @@ def load_image(job: ImageJob) -> LoadedImage:
         except OSError as e:
             raise image_ops.BadSample("unreadable_image", f"{job.path}: {e}") from None
         image = image_ops.decode_image(data, max_pixels=job.max_pixels)
-        with Image.open(io.BytesIO(data)) as probe:
-            found = KEPT_FORMATS.get(probe.format or "")
+        found = KEPT_FORMATS.get(image_ops.image_format(data, max_pixels=job.max_pixels) or "")
         wanted = found if job.image_format == "keep" else job.image_format
         if wanted is None:
             wanted = "jpg"
@@ -340,12 +396,15 @@ def make_caption_shards(table: str, image_dir: str, out_dir: str, *, image_colum
                         caption_column: str | None = None, table_format_: str | None = None,
                         samples_per_shard: int = 1000, prefix: str = "", image_format: str = "keep",
                         workers: int = 1, max_skip_fraction: float | None = None,
-                        max_pixels: int = image_ops.DEFAULT_MAX_PIXELS) -> Report:
+                        max_pixels: int = image_ops.DEFAULT_MAX_PIXELS, force: bool = False) -> Report:
     """Caption table + image folder -> `out_dir/{prefix}%05d.tar` caption shards. Image file names in the
-    table are relative to `image_dir` (absolute ones are kept)."""
+    table are relative to `image_dir` (absolute ones are kept). `out_dir` is checked first
+    (`check_output`); with `force`, the set's old files there are removed once the inputs are known to be
+    readable (`prepare_output`)."""
     t0 = time.perf_counter()
     if image_format not in ("keep", "jpg", "png", "webp"):
         raise MakeShardsError(f"--image-format must be keep, jpg, png or webp, not {image_format!r}")
+    check_output(out_dir, force)
     if not os.path.isdir(image_dir):
         raise MakeShardsError(f"image folder {image_dir} does not exist")
     if not os.path.isfile(table):
@@ -353,11 +412,11 @@ def make_caption_shards(table: str, image_dir: str, out_dir: str, *, image_colum
     fmt = table_format(table, table_format_)
     columns, rows = read_table(table, fmt)
     report = Report("captions")
-    os.makedirs(out_dir, exist_ok=True)
     cols: dict[str, str] = {}
     if columns is not None:
         cols["image"] = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", "--image-column", table)
         cols["caption"] = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", "--caption-column", table)
+    prepare_output(out_dir, _owned_files(prefix, ["captions_stats.json"]))
 
     def usable(index: int, row: Any) -> _CaptionRow | None:
         """The row's caption sample, or None (counted) when the row itself is bad."""
@@ -413,6 +472,13 @@ def make_caption_shards(table: str, image_dir: str, out_dir: str, *, image_colum
 # Instruction data
 # ----------------------------------------------------------------------------------------------------
 
+def _in_owned_shard(path: str, out_dir: str, owned: re.Pattern) -> bool:
+    """Whether image `path` is a member of a tar in `out_dir` whose name `owned` matches."""
+    ref = split_tar_ref(path)
+    return (ref is not None and os.path.dirname(os.path.abspath(ref[0])) == os.path.abspath(out_dir)
+            and owned.fullmatch(os.path.basename(ref[0])) is not None)
+
+
 def _with_image_refs(record: dict, refs: list[str]) -> dict:
     """`record` with its image field (official `image` list, LLaVA `image` string or list) replaced."""
     out = dict(record)
@@ -423,15 +489,18 @@ def _with_image_refs(record: dict, refs: list[str]) -> dict:
 def make_instruction_shards(data: str, fmt: str, out_dir: str, *, image_root: str = "",
                             images_per_shard: int = 1000, prefix: str = "images-", image_format: str = "keep",
                             workers: int = 1, max_skip_fraction: float | None = None,
-                            max_pixels: int = image_ops.DEFAULT_MAX_PIXELS, name: str | None = None) -> Report:
+                            max_pixels: int = image_ops.DEFAULT_MAX_PIXELS, name: str | None = None,
+                            force: bool = False) -> Report:
     """Instruction json/jsonl + image root -> `out_dir/{name}.jsonl` (same format, image references
     rewritten to `{prefix}NNNNN.tar/KEY.ext`, relative to `out_dir`) and the image tar shards. An image
-    used by several records is stored once; a record with any unusable image is skipped."""
+    used by several records is stored once; a record with any unusable image is skipped. `out_dir` is
+    checked first; with `force`, the set's old files there are removed once the records have been read."""
     t0 = time.perf_counter()
     if fmt not in READERS:
         raise MakeShardsError(f"unknown instruction format {fmt!r}; known: {sorted(READERS)}")
     if image_format not in ("keep", "jpg", "png", "webp"):
         raise MakeShardsError(f"--image-format must be keep, jpg, png or webp, not {image_format!r}")
+    check_output(out_dir, force)
     name = name or Path(data).stem
     out_path = os.path.join(out_dir, f"{name}.jsonl")
     if os.path.abspath(out_path) == os.path.abspath(data):
@@ -442,7 +511,6 @@ def make_instruction_shards(data: str, fmt: str, out_dir: str, *, image_root: st
     except DataError as e:
         raise MakeShardsError(str(e)) from None
     report = Report("instructions")
-    os.makedirs(out_dir, exist_ok=True)
 
     def where(i: int) -> str:
         return f"record {i}" + (f" (line {lines[i]})" if lines else "")
@@ -463,6 +531,14 @@ def make_instruction_shards(data: str, fmt: str, out_dir: str, *, image_root: st
         for p in paths:
             unique.setdefault(p, len(unique))
         readable.append((i, rec, paths))
+
+    owned = _owned_files(prefix, [f"{name}.jsonl", "instructions_stats.json"])
+    if force:  # re-sharding a set in place would delete the image shards it reads
+        inside = next((p for p in unique if _in_owned_shard(p, out_dir, owned)), None)
+        if inside is not None:
+            raise OutputError(f"--force would remove the image shards the input reads ({inside}); write to "
+                              f"another --out")
+    prepare_output(out_dir, owned)
 
     # 2. check and store every image once
     refs: dict[str, str] = {}
@@ -520,10 +596,15 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--image-format", default="keep", choices=("keep", "jpg", "png", "webp"),
                        help="keep JPEG/PNG/WebP bytes as they are (default), or store every image in one format")
         q.add_argument("--workers", type=int, default=1, help="processes checking / encoding images")
-        q.add_argument("--max-skip-fraction", type=float, default=None,
-                       help="fail (exit 1) when more than this fraction of rows is unusable")
+        q.add_argument("--force", action="store_true",
+                       help="write into a non-empty --out, first removing the old files of this set (its "
+                            "numbered shards, records file and stats); other files are kept")
+        q.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
+                       help="fail (exit 1) when more than this fraction of rows is unusable "
+                            f"(default {DEFAULT_MAX_SKIP_FRACTION}; 1 accepts any)")
         q.add_argument("--max-pixels", type=int, default=image_ops.DEFAULT_MAX_PIXELS,
-                       help="refuse larger images (decompression bombs)")
+                       help="skip larger images as decompression_bomb (default "
+                            f"{image_ops.DEFAULT_MAX_PIXELS:,}, ~9459x9459; raise it for big photos)")
         q.add_argument("--quiet", action="store_true", help="no per-row warnings (the summary still counts them)")
 
     c = sub.add_parser("captions", help="image folder + captions table -> webdataset caption shards")
@@ -548,8 +629,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _write_stats(out_dir: str, kind: str, report: Report) -> None:
+    """`{kind}_stats.json`: the report (counts by reason, examples) as json, also after a failed check."""
+    with contextlib.suppress(OSError), open(os.path.join(out_dir, f"{kind}_stats.json"), "w") as f:
+        json.dump(report.to_json(), f, indent=1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    if not 0 <= args.max_skip_fraction <= 1:
+        p.error(f"--max-skip-fraction must be in [0, 1], not {args.max_skip_fraction}")
+    if args.max_pixels < 1:
+        p.error(f"--max-pixels must be positive, not {args.max_pixels}")
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(message)s")
     try:
         if args.kind == "captions":
@@ -557,21 +649,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          caption_column=args.caption_column, table_format_=args.table_format,
                                          samples_per_shard=args.samples_per_shard, prefix=args.prefix,
                                          image_format=args.image_format, workers=args.workers,
-                                         max_skip_fraction=args.max_skip_fraction, max_pixels=args.max_pixels)
+                                         max_skip_fraction=args.max_skip_fraction, max_pixels=args.max_pixels,
+                                         force=args.force)
         else:
             report = make_instruction_shards(args.data, args.format, args.out, image_root=args.image_root,
                                              images_per_shard=args.images_per_shard, prefix=args.prefix,
                                              image_format=args.image_format, workers=args.workers,
                                              max_skip_fraction=args.max_skip_fraction,
-                                             max_pixels=args.max_pixels, name=args.name)
+                                             max_pixels=args.max_pixels, name=args.name, force=args.force)
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except MakeShardsError as e:
         if e.report is not None:
             print(e.report.summary())
+            _write_stats(args.out, args.kind, e.report)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # checked before the work: a disk that filled up, a folder removed meanwhile
+        print(f"error: writing to {args.out} failed: {e}", file=sys.stderr)
+        return 1
     print(report.summary())
-    with open(os.path.join(args.out, f"{args.kind}_stats.json"), "w") as f:
-        json.dump(report.to_json(), f, indent=1)
+    _write_stats(args.out, args.kind, report)
     if args.kind == "captions" and report.shards:
         print(f"  config: data.train_paths: [\"{shard_pattern(report.shards)}\"]")
     elif args.kind == "instructions":

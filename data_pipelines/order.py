@@ -7,7 +7,11 @@ all processes advance through the same windows in lockstep and each sees differe
 
 A process's iterator state is just its next position (plus positions already consumed ahead of it after
 a re-split, see `remap_states`): JSON-serialisable, and restoring it replays exactly the batches the
-uninterrupted run would have produced.
+uninterrupted run would have produced. It also carries the skip counters: bad samples are counted during
+the first pass over the data only (epoch 0, where every sample has exactly one position, taken by exactly
+one process), so each is counted once over the run however many epochs it is met in, and `considered`
+(first-pass samples taken, usable or not) is the matching denominator of the skip fraction; shards that
+failed are remembered by number (`bad_shards`) so that reopening them after a resume counts nothing.
 
 When the number of processes changes between save and restore, `remap_states` merges the old states:
 everything before the earliest saved position (over all old processes) was consumed; positions after it
@@ -47,8 +51,10 @@ class StreamState:
     window: int = 0
     index: int = -1  # -1: first index of this process in the window (its residue)
     exclude: list[Position] = dataclasses.field(default_factory=list)
-    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-    seen: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # distinct bad samples / shards
+    seen: int = 0  # usable samples taken (every epoch)
+    considered: int = 0  # first-pass (epoch 0) samples taken, usable or not
+    bad_shards: list[int] = dataclasses.field(default_factory=list)  # shard numbers counted in `skipped`
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -59,6 +65,9 @@ class StreamState:
     def from_json(cls, d: dict) -> "StreamState":
         d = dict(d)
         d["exclude"] = [tuple(p) for p in d.get("exclude", [])]
+        if "considered" not in d:  # saved before first-pass counting: the old denominator (usable + bad)
+            d["considered"] = d.get("seen", 0) + sum(v for k, v in d.get("skipped", {}).items()
+                                                     if not k.endswith("_shard"))
         return cls(**d)
 
     def position(self) -> Position:
@@ -113,12 +122,15 @@ def remap_states(states: list[dict], num_processes: int, window_size) -> list[di
         for k, v in s.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
     seen = sum(s.seen for s in old)
+    considered = sum(s.considered for s in old)
+    bad_shards = sorted({i for s in old for i in s.bad_shards})  # every new process knows them: none recounts
     new = []
     for q in range(num_processes):
         epoch, window, index = cutoff
         first = index + ((q - index) % num_processes)
         st = StreamState(process_index=q, num_processes=num_processes, epoch=epoch, window=window, index=first,
                          exclude=sorted(p for p in consumed_ahead if p[2] % num_processes == q),
-                         skipped=skipped if q == 0 else {}, seen=seen if q == 0 else 0)
+                         skipped=skipped if q == 0 else {}, seen=seen if q == 0 else 0,
+                         considered=considered if q == 0 else 0, bad_shards=list(bad_shards))
         new.append(st.to_json())
     return new

@@ -6,9 +6,12 @@ Two functions on purpose:
 (`xgpt3_dataset.py`) bit for bit, quirks included; the golden `pipeline_cases.npz` / `inputs.npz` pin it.
 It exists to prove that our chunking and masking match the released recipe, and for exact comparisons.
 
-`to_training_sample` is what we train on. Same chunking (split at `AI: `, `\\nHuman: `, `<image>`; each
-chunk tokenised on its own; BOS first; EOS after every answer; `tokens_per_image` slots of id -1 per
-image), so untruncated samples equal the official ids, but:
+`to_training_sample` is what we train on, in the configured conversation template (`data.template`,
+`templates.py`: the pieces a template renders are tokenised by `encode_pieces`, the loss mask comes from the
+pieces, and `to_prompt` gives generation the same context). In the default `mplug_owl` template: the
+official chunking (split at `AI: `, `\\nHuman: `, `<image>`; each chunk tokenised on its own; BOS first; EOS
+after every answer; `tokens_per_image` slots of id -1 per image), so untruncated samples equal the official
+ids, but:
 
 - it tokenises the validated `Conversation` structurally, splitting only at real turn boundaries, so an
   answer that merely contains "AI: " (e.g. "OpenAI: ...") is not cut in two with a stray EOS, as the
@@ -27,6 +30,10 @@ image), so untruncated samples equal the official ids, but:
 - a BOS with id 0 is kept (the official `bos_token_id > 0` test drops it);
 - two images with no token between them (which the model would merge into one run, losing one image)
   raise `BadRecord`.
+
+Every template gets the same truncation (templates whose answers do not end with EOS, `plain`, just cut
+the answer), and a sample with no trained token raises `BadRecord("no trained tokens")`: it is skipped and
+counted (`no_trained_tokens`), never trained on with a zero loss.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from typing import Sequence
 
 import numpy as np
 
-from data_pipelines.conversation import (AI, IMAGE_TAG, SYSTEM_PROMPT, BadRecord, Conversation, Turn,
-                                        make_conversation, parse_official_text, validate)
+from data_pipelines.conversation import IMAGE_TAG, SYSTEM_PROMPT, BadRecord, Conversation, Turn, parse_official_text
+from data_pipelines.templates import (BOS, EOS, IMAGE, TEXT, Piece, Template, conversation_chunks,
+                                      get_template)
 from data_pipelines.tokenizers import Tokenizer
 
 IMAGE_ID = -1  # the official media token id of `<image>`; every slot of an image carries it
@@ -178,26 +186,7 @@ class TrainingSample:
         return int(self.tokens.shape[0])
 
 
-def _conversation_chunks(conv: Conversation) -> list[tuple[str, str]]:
-    """(kind, text) chunks of `render(conv)` as the official split makes them (kind 'text', 'image' or
-    'answer'), but split only at real turn boundaries and at `<image>` inside human turns."""
-    pieces: list[tuple[str, str]] = [("text", conv.system)]
-    for k, turn in enumerate(conv.turns):
-        if turn.role == AI:
-            pieces += [("text", "\n"), ("sep", "AI: "), ("answer", turn.text)]
-            continue
-        pieces.append(("text", "Human: ") if (k == 0 and not conv.system) else ("sep", "\nHuman: "))
-        for j, part in enumerate(turn.text.split(IMAGE_TAG)):
-            if j:
-                pieces.append(("image", IMAGE_TAG))
-            pieces.append(("text", part))
-    chunks: list[tuple[str, str]] = []
-    for kind, text in pieces:  # adjacent text pieces are one chunk (the regex would not split them)
-        if kind == "text" and chunks and chunks[-1][0] == "text":
-            chunks[-1] = ("text", chunks[-1][1] + text)
-        else:
-            chunks.append((kind, text))
-    return [(("text" if kind == "sep" else kind), text) for kind, text in chunks if text]
+_conversation_chunks = conversation_chunks  # (the official chunking lives with the templates)
 
 
 _TEMPLATE_PIECES = re.compile(r"(\nHuman: |(?<=\n)AI: )")
@@ -212,42 +201,99 @@ def encode_template_text(tokenizer: Tokenizer, text: str) -> list[int]:
     return [i for piece in _TEMPLATE_PIECES.split(text) if piece for i in tokenizer.encode(piece)]
 
 
-def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, seq_len: int,
-                       tokens_per_image: int, *, images: Sequence[str] = ()) -> TrainingSample:
-    """Tokens, next-token targets and answer loss mask of one conversation, at most `seq_len` long.
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Token ids of a template's pieces (image slots = -1) and, per id, the answer it belongs to (-1: none;
+    an answer is a run of trained pieces, its EOS included), with where each image and answer starts."""
+    ids: list[int]
+    answer: list[int]
+    image_starts: list[int]
+    answer_starts: list[int]
 
-    `conversation` is a Conversation (validated here) or official-format text (parsed with `images`).
-    Truncation (see the module docstring for how it differs from the official code): never splits an
-    image, drops an image that does not fit with everything after it, ends a cut answer with EOS, ends
-    the sample at its last answer's EOS, and raises BadRecord("too long") when no answer token fits.
-    """
-    if isinstance(conversation, Conversation):
-        conv = conversation
-        validate(conv)
-    else:
-        conv = parse_official_text(conversation, images)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
-    eos, pad = tokenizer.eos_id, tokenizer.pad_id
-    ids: list[int] = list(bos)
-    answer: list[int] = [-1] * len(ids)  # index of the answer each id belongs to (its EOS included)
+
+def _encode_unit(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The ids of `texts` tokenised as ONE string, split at the pieces' boundaries. A boundary where the
+    tokens of the text before it are not a prefix of the whole's (a token would straddle it) cannot be
+    placed: BadRecord("tokenization mismatch ...") instead of a loss mask shifted by a token."""
+    if len(texts) == 1:
+        return [tokenizer.encode(texts[0])]
+    whole = tokenizer.encode("".join(texts))
+    spans, pos = [], 0
+    for k in range(1, len(texts)):
+        head = tokenizer.encode("".join(texts[:k]))
+        if len(head) < pos or whole[:len(head)] != head:
+            raise BadRecord(f"tokenization mismatch: the tokens of {''.join(texts[:k])[-40:]!r} are not a prefix "
+                            f"of those of the text they open, so the answer boundary falls inside a token")
+        spans.append(whole[pos:len(head)])
+        pos = len(head)
+    spans.append(whole[pos:])
+    return spans
+
+
+def encode_pieces(pieces: Sequence[Piece], tokenizer: Tokenizer, tokens_per_image: int) -> Encoded:
+    """Ids of a template's pieces: BOS first (when the tokenizer has one), each run of joined text pieces in
+    one tokenizer call, `tokens_per_image` ids of -1 per image; BOS / EOS pieces are the special ids."""
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else None
+    ids: list[int] = [] if bos is None else [bos]
+    answer: list[int] = [-1] * len(ids)
     image_starts: list[int] = []
     answer_starts: list[int] = []
-    for kind, text in _conversation_chunks(conv):
-        if kind == "image":
+    units: list[list[Piece]] = []
+    for p in pieces:
+        if p.kind == TEXT and p.join and units and units[-1][-1].kind == TEXT:
+            units[-1].append(p)
+        else:
+            units.append([p])
+    in_answer = False
+
+    def add(cur: list[int], trained: bool) -> None:
+        nonlocal in_answer
+        if trained and not in_answer:
+            answer_starts.append(len(ids))
+        in_answer = trained
+        ids.extend(cur)
+        answer.extend([len(answer_starts) - 1 if trained else -1] * len(cur))
+
+    for unit in units:
+        kind = unit[0].kind
+        if kind == IMAGE:
             if ids and ids[-1] < 0:
                 raise BadRecord("two <image> slots with no token between them")
             image_starts.append(len(ids))
-            ids += [IMAGE_ID] * tokens_per_image
-            answer += [-1] * tokens_per_image
-        elif kind == "answer":
-            answer_starts.append(len(ids))
-            cur = tokenizer.encode(text) + [eos]
-            ids += cur
-            answer += [len(answer_starts) - 1] * len(cur)
-        else:
-            cur = tokenizer.encode(text)
-            ids += cur
-            answer += [-1] * len(cur)
+            add([IMAGE_ID] * tokens_per_image, False)
+        elif kind == BOS:
+            add([] if bos is None else [bos], unit[0].trained)
+        elif kind == EOS:
+            add([tokenizer.eos_id], unit[0].trained)
+        else:  # one tokenizer call; split only where the loss mask changes
+            groups: list[tuple[bool, str]] = []
+            for p in unit:
+                if groups and groups[-1][0] == p.trained:
+                    groups[-1] = (p.trained, groups[-1][1] + p.text)
+                else:
+                    groups.append((p.trained, p.text))
+            for (trained, _), cur in zip(groups, _encode_unit(tokenizer, [text for _, text in groups])):
+                add(cur, trained)
+    return Encoded(ids, answer, image_starts, answer_starts)
+
+
+def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, seq_len: int,
+                       tokens_per_image: int, *, images: Sequence[str] = (),
+                       template: Template | str | None = None) -> TrainingSample:
+    """Tokens, next-token targets and answer loss mask of one conversation, at most `seq_len` long, in
+    `template` (a `templates.TEMPLATES` name or Template; None: the official mPLUG-Owl one).
+
+    `conversation` is a Conversation (validated here, for the template) or official-format text (parsed with
+    `images`). Truncation (see the module docstring for how it differs from the official code): never splits
+    an image, drops an image that does not fit with everything after it, ends a cut answer with EOS (templates
+    whose answers end with EOS), ends the sample at its last answer's end, and raises BadRecord("too long")
+    when no answer token fits. A sample with no trained token at all raises BadRecord("no trained tokens").
+    """
+    template = get_template(template)
+    conv = conversation if isinstance(conversation, Conversation) else parse_official_text(conversation, images)
+    enc = encode_pieces(template.pieces(conv), tokenizer, tokens_per_image)
+    ids, answer, image_starts, answer_starts = enc.ids, enc.answer, enc.image_starts, enc.answer_starts
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id
     truncated = len(ids) > seq_len
     end = min(len(ids), seq_len)
     if truncated:
@@ -256,12 +302,12 @@ def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, s
                 end = s
                 break
         a = answer[end - 1] if end else -1
-        if a >= 0 and answer[end] == a:  # the cut falls inside answer a (before its own EOS)
+        if a >= 0 and answer[end] == a and template.eos_closes_answers:  # the cut falls inside answer a
             if end - 1 - answer_starts[a] >= 1:  # at least one answer token before the new EOS
                 ids[end - 1] = eos
             else:
                 end = answer_starts[a]
-        while end and answer[end - 1] < 0:  # end at the last kept answer's EOS
+        while end and answer[end - 1] < 0:  # end at the last kept answer's end
             end -= 1
         if not end:
             raise BadRecord("too long")
@@ -272,30 +318,25 @@ def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, s
     is_answer = np.asarray(answer[:end]) >= 0
     loss_mask = np.zeros(end, bool)
     loss_mask[:-1] = is_answer[1:]
+    if not loss_mask.any():
+        raise BadRecord("no trained tokens: the sample's answers encode to no token")
     kept = sum(1 for s in image_starts if s < end)
     return TrainingSample(tokens, targets, loss_mask, conv.images[:kept], truncated)
 
 
 def to_prompt(turns: Sequence[tuple[str, str] | Turn], tokenizer: Tokenizer, tokens_per_image: int, *,
-              images: Sequence[str] = (), system: str = SYSTEM_PROMPT) -> np.ndarray:
+              images: Sequence[str] = (), system: str = SYSTEM_PROMPT,
+              template: Template | str | None = None) -> np.ndarray:
     """Token ids (int32, `tokens_per_image` ids of -1 per image) of a conversation that ends with a human
-    turn, followed by the `AI: ` that opens the answer: what generation continues from.
+    turn, followed by what opens the answer in `template` (mPLUG-Owl: `AI: `; vicuna_v1: ` ASSISTANT:`):
+    what generation continues from.
 
     The ids are exactly the first ids of `to_training_sample` of the same conversation with an answer
-    appended (same chunking, BOS, image slots), i.e. the context the model was trained to answer in.
-    The official `MplugOwlProcessor` splits prompts only at `<image>`, which gives other SentencePiece
-    ids around `\nHuman: ` / `AI: ` than its own training pipeline; we follow the training pipeline.
-    Raises BadRecord for a conversation that could not be trained on either (see `validate`).
+    appended (same chunking, BOS, image slots), i.e. the context the model was trained to answer in (for
+    the LLaVA templates: LLaVA's own `get_prompt()` through `tokenizer_image_token`). The official
+    `MplugOwlProcessor` splits prompts only at `<image>`, which gives other SentencePiece ids around
+    `\nHuman: ` / `AI: ` than its own training pipeline; we follow the training pipeline.
+    Raises BadRecord for a conversation that could not be trained on either (see `Template.validate`).
     """
-    conv = make_conversation([*turns, Turn(AI, "-")], images, system)
-    chunks = _conversation_chunks(conv)
-    assert chunks[-1] == ("answer", "-"), chunks[-1]
-    ids: list[int] = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
-    for kind, text in chunks[:-1]:
-        if kind == "image":
-            if ids and ids[-1] < 0:
-                raise BadRecord("two <image> slots with no token between them")
-            ids += [IMAGE_ID] * tokens_per_image
-        else:
-            ids += tokenizer.encode(text)
-    return np.asarray(ids, np.int32)
+    pieces = get_template(template).prompt_pieces(turns, images, system)
+    return np.asarray(encode_pieces(pieces, tokenizer, tokens_per_image).ids, np.int32)

@@ -190,7 +190,7 @@ def compile_for_topology(cfg: Config, topology: str, *, flops: bool = True, num_
         from owl_jax.training.stages import uses_images
         images = cfg.data.images_per_batch // k if uses_images(cfg.training.stage) else 0
         report.compiled_flops = compiled_flops(flat) * len(devices)  # per-device SPMD program
-        report.analytic_flops = step_flops(cfg.model, cfg.training.stage, tokens=rows * cfg.data.seq_len,
+        report.analytic_flops = step_flops(cfg.model, cfg.training, tokens=rows * cfg.data.seq_len,
                                            seq_len=cfg.data.seq_len, images=images, causal_halving=False).total
     return report
 

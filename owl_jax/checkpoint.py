@@ -23,18 +23,17 @@ Restoring reads every array straight into the target shardings (`jax.ShapeDtypeS
 so a checkpoint written on one mesh (say 2x2x2 over 8 devices) restores onto any other mesh or device
 count; each process only reads the shards it needs.
 
-`check_compatible` refuses to resume a run whose config changed in a way that invalidates the saved state;
-`install_sigterm_handler` lets the train loop notice preemption (SIGTERM/SIGINT), checkpoint and exit 0.
+`check_compatible` refuses to resume a run whose config changed in a way that invalidates the saved state.
+(What SIGTERM / Ctrl-C do to a run is `owl_jax.interrupts`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
-import threading
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -200,6 +199,25 @@ def _json_snapshot(value: Any, what: str) -> Any:
         raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
 
 
+class _ReadOnlyNoticeFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """Orbax warns "Given directory is read only" for every reading manager — that is, on every evaluation,
+    export and next-stage initialisation. Reading is what was asked for, so the notice is dropped (only
+    while this store opens its manager; Orbax's other warnings stay)."""
+    logger = logging.getLogger("absl")  # orbax logs through absl.logging, whose Python logger this is
+    quiet = _ReadOnlyNoticeFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class CheckpointStore:
     """Checkpoints of one run under `run_dir/checkpoints` (see the module docstring for the layout).
 
@@ -242,7 +260,8 @@ class CheckpointStore:
             _TOKENIZER: _FilesHandler(),
         }
         directory = self.directory if "://" in str(self.directory) else self.directory.absolute()
-        self._manager = ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
+        with _without_read_only_notice():
+            self._manager = ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
 
     # -- inspection --
 
@@ -506,55 +525,6 @@ def _deep_merge(base: Mapping, update: Mapping) -> dict:
     for k, v in update.items():
         out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), Mapping) and isinstance(v, Mapping) else v
     return out
-
-
-# ---- preemption ---------------------------------------------------------------------------------------------
-
-
-class PreemptionHandler:
-    """Records SIGTERM/SIGINT in `.requested` instead of dying, so the train loop can checkpoint and exit 0.
-
-    A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt as usual. `uninstall()` restores the handlers
-    that were installed before. Usable as a context manager. Signal handlers can only be installed from
-    the main thread.
-    """
-
-    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signals)
-        self.requested = False
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> "PreemptionHandler":
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("signal handlers can only be installed from the main thread")
-        for s in self.signals:
-            if s not in self._previous:
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signum = signum
-        log.warning("received %s: will checkpoint and stop after the current step", signal.Signals(signum).name)
-
-    def __enter__(self) -> "PreemptionHandler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.uninstall()
-
-
-def install_sigterm_handler(signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> PreemptionHandler:
-    """Install a PreemptionHandler for `signals` and return it (check `.requested` after each step)."""
-    return PreemptionHandler(signals).install()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,6 +25,32 @@ import yaml
 
 
 # --------------------------------------------------------------------------------------------------
+# Enumerated options: one list per field, used by validation, error messages and the docs alike
+# --------------------------------------------------------------------------------------------------
+
+
+def choice(default: str, *others: str):
+    """A string field that takes one of a fixed set of values (`default` first).
+
+    The choices live in the field's metadata, so validation (`enumerated_problems`), the message a typo
+    gets and `python -m owl_jax.config --choices` all read the same list: what the docs show is what is
+    accepted, and nothing is checked late, deep in the model or pipeline code.
+    """
+    return field(default=default, metadata={"choices": (default, *others)})
+
+
+def field_choices(cls: type, name: str) -> tuple[str, ...]:
+    """The accepted values of the enumerated field `cls.name`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return tuple(f.metadata["choices"])
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------
 
@@ -48,7 +74,15 @@ class VisionConfig:
     # (std 0.02, HF CLIP's init) starts at ~2% of the patch signal, and a small tower trained briefly
     # never recovers it (measured on the demo world: position 98% linearly decodable from the tower's
     # tokens but 26% after the abstractor).
-    position_embedding_init: str = "sincos2d"
+    position_embedding_init: str = choice("sincos2d", "normal")
+    # MLP activation of the tower, as HF CLIP configs name it: quick_gelu (OpenAI CLIP, mPLUG-Owl and LLaVA's
+    # towers) | gelu (exact erf GELU) | gelu_pytorch_tanh (tanh approximation).
+    hidden_act: str = choice("quick_gelu", "gelu", "gelu_pytorch_tanh")
+    # Which ViT (owl_jax/models/vision.py): clip (CLIP / mPLUG-Owl: patch conv without bias, `pre_layernorm`,
+    # q/k/v fused per head) | blip2 (transformers `Blip2VisionModel`, EVA-style: patch conv with bias, no
+    # pre-LayerNorm, one `qkv` Linear with q and v biases and none on k; BLIP-2 / InstructBLIP / MiniGPT-4,
+    # with hidden_act gelu and layer_norm_eps 1e-6).
+    kind: str = choice("clip", "blip2")
 
     @property
     def num_patches(self) -> int:
@@ -77,10 +111,39 @@ class AbstractorConfig:
 
 
 @dataclass
+class QFormerConfig:
+    """BLIP-2's Q-Former (`model.connector: qformer`; transformers `Blip2QFormerModel`): learned queries through
+    post-LayerNorm BERT layers that self-attend and, every `cross_attention_frequency` layers (0, f, 2f, ...),
+    cross-attend to the vision features, then `language_projection` to the LLM width. Defaults: the released
+    BLIP-2 / InstructBLIP / MiniGPT-4 Q-Former (bert-base sized)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    num_queries: int = 32  # `num_query_tokens`: the visual tokens per image
+    cross_attention_frequency: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = choice("gelu", "gelu_pytorch_tanh", "quick_gelu")
+    hidden_dropout: float = 0.1  # `hidden_dropout_prob`: embeddings and every sub-layer output, in training
+    attention_dropout: float = 0.1  # `attention_probs_dropout_prob`
+    # InstructBLIP: the Q-Former also reads the instruction (the batch's `qformer_tokens`, BERT token ids) with
+    # its own word and position embeddings and a text feed-forward path; only the query outputs go on.
+    text_input: bool = False
+    vocab_size: int = 30522  # the Q-Former's (BERT) vocabulary; used when text_input
+    max_position_embeddings: int = 512
+    # Instruction tokens per image the pipeline gives the Q-Former (`qformer_tokens` [images, max_text_len],
+    # padded with -1; LAVIS InstructBLIP truncates at 128); the FLOP count assumes this length.
+    max_text_len: int = 128
+    # LAVIS draws the queries from N(0, 0.02) (transformers starts them at zero).
+    query_init_std: float = 0.02
+
+
+@dataclass
 class RopeScalingConfig:
     """llama3-style RoPE frequency scaling. `type: none` disables it."""
 
-    type: str = "none"  # none | llama3 | linear
+    type: str = choice("none", "llama3", "linear")
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -130,29 +193,54 @@ class LoRAConfig:
 
 @dataclass
 class ModelConfig:
+    """The composite: vision encoder -> connector -> LLM (DESIGN.md §6)."""
+
     vision: VisionConfig = field(default_factory=VisionConfig)
     abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
     text: TextConfig = field(default_factory=TextConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # What turns vision features into LLM-width visual tokens (owl_jax/models/connectors/): abstractor
+    # (mPLUG-Owl: model.abstractor.*) | linear | mlp{N}x_gelu | identity (LLaVA's mm_projector_type; linear =
+    # mlp1x_gelu, LLaVA-1.5 is mlp2x_gelu; identity needs vision width = LLM width).
+    connector: str = "abstractor"
+    # The vision hidden states the connector reads, indexed as HF `hidden_states` (0 = embeddings after the
+    # pre-LayerNorm, i = after layer i, negative from the end: -1 = last layer, -2 = LLaVA's
+    # mm_vision_select_layer); a list concatenates those layers on the feature axis (as transformers does).
+    # null: the connector's default (abstractor -1, the others -2).
+    vision_feature_layer: int | list[int] | None = None
+    # default (drop CLS: LLaVA's `patch`) | full (keep CLS); "": the connector's (abstractor full, others default).
+    vision_feature_select_strategy: str = choice("", "default", "full")
+    # Vision post-LayerNorm on the selected hidden states; null: the connector's default (abstractor true, as
+    # mPLUG-Owl post-norms all tokens; the others false: HF CLIP / LLaVA have no LayerNorm there).
+    vision_feature_post_layernorm: bool | None = None
+    # Biases on the projector's Linear layers (HF llava `multimodal_projector_bias`; LLaVA always has them).
+    projector_bias: bool = True
+    # The `<image>` token id of the llava-hf layout (`image_token_index`; set by its import). owl-jax itself
+    # marks image slots with negative ids and never embeds this one; -1: a llava-hf export uses the last
+    # vocabulary id.
+    image_token_index: int = -1
     # Compute dtype of matmuls/activations; norms and softmax always run in float32.
-    dtype: str = "float32"
+    dtype: str = choice(*DTYPES)
     # Storage dtype of parameters (trainable master copies should stay float32).
-    param_dtype: str = "float32"
+    param_dtype: str = choice(*DTYPES)
     # Storage dtype for frozen parameters; empty = param_dtype. bfloat16 halves their memory.
-    frozen_param_dtype: str = ""
-    # Rematerialisation policy per layer: none | full | dots | dots_no_batch
-    remat_policy: str = "none"
+    frozen_param_dtype: str = choice("", *DTYPES)
+    # Rematerialisation policy per layer.
+    remat_policy: str = choice("none", "full", "dots", "dots_no_batch")
     # Stack layers and run them with a scan (faster compiles for deep models).
     scan_layers: bool = False
-    # jax.nn.dot_product_attention implementation: xla | cudnn
-    attention_impl: str = "xla"
+    # jax.nn.dot_product_attention implementation.
+    attention_impl: str = choice("xla", "cudnn")
     # Tokens per chunk of the vocabulary projection in the loss (0 = all at once).
     loss_chunk_size: int = 1024
 
     @property
     def tokens_per_image(self) -> int:
-        """Visual tokens spliced per image: the abstracted queries plus the learned `vit_eos`."""
-        return self.abstractor.num_queries + 1
+        """Visual tokens spliced per image, as the connector makes them (abstractor: queries + `vit_eos`;
+        projectors: one per selected vision token, e.g. 576 for CLIP-L/14 at 336 px without CLS)."""
+        from owl_jax.models.connectors import tokens_per_image  # the model package owns the arithmetic
+        return tokens_per_image(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,9 +282,20 @@ class MeshConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """One learning-rate group: the trainable leaves whose user-facing path (`projector.linear_1.kernel`,
+    `language_model.layers.0.self_attn.q_proj.lora.lora_a`) matches one of `patterns` (regular expressions,
+    searched) train at peak `learning_rate`, with the warmup and decay of `optimizer.learning_rate`."""
+
+    name: str = ""  # shown in the metrics (`learning_rate/<name>`) and the optimizer state
+    patterns: list[str] = field(default_factory=list)
+    learning_rate: float = 0.0
+
+
+@dataclass
 class OptimizerConfig:
     learning_rate: float = 1e-4
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = choice("cosine", "linear", "constant")
     warmup_steps: int = 0
     decay_steps: int = 0  # 0 = training.steps
     end_learning_rate_ratio: float = 0.0
@@ -205,7 +304,11 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     grad_clip_norm: float = 1.0
-    # Path regex -> learning-rate multiplier, e.g. {"vision_model": 0.1}.
+    # Trainable leaves with their own peak learning rate (owl_jax/training/optimizer.py), e.g. LLaVA-LoRA's
+    # projector at 2e-5 beside the adapters at 2e-4; the first group whose pattern matches a leaf takes it,
+    # the rest follow `learning_rate`. Logged per group as `learning_rate/<name>`.
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    # The older spelling (kept working): path regex -> multiplier of `learning_rate`, e.g. {"vision_model": 0.1}.
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
@@ -215,14 +318,17 @@ class SourceConfig:
 
     name: str = ""
     path: str = ""
-    format: str = "llava"  # official | llava | alpaca | sharegpt | baize
+    # The record format (data_pipelines.conversation.READERS; mplug_owl = official, vicuna = sharegpt).
+    format: str = choice("llava", "official", "mplug_owl", "alpaca", "sharegpt", "vicuna", "baize")
     weight: float = 0.0  # 0 = proportional to the source's size
     image_root: str = ""  # relative image paths are resolved against this
 
 
 @dataclass
 class DataConfig:
-    kind: str = "captions"  # captions | instructions | text | synthetic
+    # captions: webdataset caption shards (train_paths); instructions / text: instruction sources (sources),
+    # text for text-only LLM pretraining (training.stage lm_pretrain).
+    kind: str = choice("captions", "instructions", "text")
     # Caption shards (stage 1): local paths, brace patterns, fsspec URLs or `pipe:` commands.
     train_paths: list[str] = field(default_factory=list)
     eval_paths: list[str] = field(default_factory=list)
@@ -240,15 +346,22 @@ class DataConfig:
     shuffle_shards: int = 8
     # Caption prompt: text around the caption; `<image>` marks the image slot; loss on the caption only.
     caption_template: str = "<image>{caption}"
+    # The conversation template of instruction data, generation prompts, evaluation and serving, with its
+    # stop strings (data_pipelines/templates.py): mplug_owl (official `Human: ` / `AI: `), plain (LLaVA
+    # stage 1: image, caption), vicuna_v1 (LLaVA-1.5: `USER: ... ASSISTANT: ...</s>`), llava_llama_2.
+    template: str = choice("mplug_owl", "plain", "vicuna_v1", "llava_llama_2")
     # The system prompt of the conversation template (instruction data, evaluation, chat). None: the
-    # official mPLUG-Owl prompt (~110 LLaMA tokens). "" drops it: conversations start at "Human: ",
-    # which shortens sequences a lot for small models. A record's own system message always wins.
+    # template's own (mplug_owl: the official prompt, ~110 LLaMA tokens). "" drops it: conversations start
+    # at "Human: ", which shortens sequences a lot for small models. A record's own system message always wins.
     system_prompt: str | None = None
     # Training augmentation of caption images: random resized crop (scale 0.5-1) and horizontal flip.
     augment: bool = True
     hflip: bool = True
     # Stop with an error when more than this fraction of samples had to be skipped (after 200 samples).
     max_skip_fraction: float = 0.1
+    # Images with more pixels are skipped as `decompression_bomb` (checked from the header, before
+    # decoding); raise it for real photos above ~90 MP (the default is PIL's own warning threshold).
+    max_pixels: int = 89_478_485
     num_workers: int = 4
     prefetch: int = 64  # samples decoded ahead per process
     cache_dir: str = ""  # where remote / pipe: shards are fetched to (default: the system temp dir)
@@ -257,7 +370,20 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    stage: str = "pretrain"  # pretrain | instruct_lora | instruct_full | lm_pretrain
+    # The named trainable set (owl_jax/training/stages.py PRESETS, each with the recipe it comes from):
+    # owl_stage1 (vision + abstractor), owl_stage2_lora (LoRA only: the released mPLUG-Owl code),
+    # owl_stage2_paper (LoRA + abstractor: the paper), llava_stage1 (projector), llava_stage2 (projector +
+    # LLM), llava_lora (LoRA + projector), and the first release's names: pretrain (the connector's stage 1:
+    # owl_stage1 or llava_stage1), instruct_lora (LoRA), instruct_full (LLM), lm_pretrain (LLM, text-only
+    # batches: the one stage without images).
+    stage: str = choice("pretrain", "instruct_lora", "instruct_full", "lm_pretrain", "owl_stage1", "owl_stage2_lora",
+                        "owl_stage2_paper", "llava_stage1", "llava_stage2", "llava_lora")
+    # Path patterns of the trainable parameters, replacing the stage's preset (which then only says whether
+    # batches carry images): regular expressions searched in user-facing parameter paths
+    # (`language_model.layers.0.self_attn.q_proj.kernel`, `projector.linear_1.bias`; scanned stacks have no
+    # layer index). A leaf trains if some pattern matches it and no `!`-prefixed pattern does; a pattern that
+    # matches nothing is an error. Everything else is frozen: no gradient, no optimizer state.
+    trainable: list[str] = field(default_factory=list)
     steps: int = 1000
     grad_accum_steps: int = 1
     seed: int = 0
@@ -279,6 +405,18 @@ class InitConfig:
     owl_from: str = ""  # official mPLUG-Owl / exported HF directory
     vision_from: str = ""  # HF CLIPVisionModel / CLIPModel directory
     llm_from: str = ""  # HF LlamaForCausalLM directory
+    # LLaVA weights: a llava-hf `LlavaForConditionalGeneration` directory (current or legacy keys), an original
+    # LLaVA repository checkpoint (LLM + `model.mm_projector.*`; the tower comes from vision_from) or a stage-1
+    # `mm_projector.bin` (the projector alone). Applied after vision_from / llm_from.
+    llava_from: str = ""
+    # BLIP-2 / InstructBLIP weights (`model.connector: qformer`): a transformers `Blip2ForConditionalGeneration` or
+    # `InstructBlipForConditionalGeneration` directory (`convert/blip2.py`). A checkpoint whose language model is
+    # not LLaMA (OPT, Flan-T5) gives the tower, the queries and the Q-Former only (MiniGPT-4 takes those of
+    # blip2-flan-t5-xxl, its LLM from llm_from). Applied after vision_from / llm_from.
+    blip2_from: str = ""
+    # A MiniGPT-4 stage checkpoint (`.pth`, `{"model": {"llama_proj.weight", "llama_proj.bias"}, ...}`): the
+    # projection into the LLM (`qformer.language_projection`), applied after blip2_from.
+    minigpt4_from: str = ""
 
 
 @dataclass
@@ -588,18 +726,30 @@ def from_dict(cls: type, data: Any, section: str = "") -> Any:
 
 # ---- validation ----------------------------------------------------------------------------------------
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-_ATTENTION_IMPLS = ("xla", "cudnn")
-_ROPE_SCALING_TYPES = ("none", "llama3", "linear")
-_STAGES = ("pretrain", "instruct_lora", "instruct_full", "lm_pretrain")
-_SCHEDULES = ("cosine", "linear", "constant")
+def enumerated_problems(obj: Any, section: str = "") -> list[str]:
+    """Every enumerated field (declared with `choice`) of `obj` and its sub-sections, lists of sections
+    included (`data.sources[0].format`), whose value is not one of its choices."""
+    p: list[str] = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), _join(section, f.name)
+        if "choices" in f.metadata:
+            _check_choice(p, key, value, f.metadata["choices"])
+        elif dataclasses.is_dataclass(value):
+            p += enumerated_problems(value, key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    p += enumerated_problems(item, f"{key}[{i}]")
+    return p
 
 
 def _check_choice(problems: list[str], key: str, value: str, choices: Sequence[str]) -> None:
     """String options are free-form in the dataclasses; catch typos here instead of deep in the model code."""
     if value not in choices:
-        problems.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        shown = ", ".join(repr(c) if c == "" else c for c in choices)
+        close = difflib.get_close_matches(str(value), [c for c in choices if c], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"{key}: {value!r} is not one of {shown}{hint}")
 
 
 def _check_positive(problems: list[str], section: str, obj: Any, names: Sequence[str]) -> None:
@@ -619,7 +769,7 @@ def _check_regexes(problems: list[str], key: str, patterns: Sequence[str]) -> No
 
 
 def _divisibility_problems(v: VisionConfig, a: AbstractorConfig, t: TextConfig) -> list[str]:
-    """Head/patch splits that must come out even, and the abstractor width that must match the vision width."""
+    """Head/patch splits that must come out even (connector widths: `models.connectors.connector_problems`)."""
     p: list[str] = []
     if v.image_size % v.patch_size:
         p.append(f"model.vision.image_size ({v.image_size}) must be divisible by patch_size ({v.patch_size})")
@@ -627,11 +777,6 @@ def _divisibility_problems(v: VisionConfig, a: AbstractorConfig, t: TextConfig) 
         p.append(f"model.vision.hidden_size ({v.hidden_size}) must be divisible by num_heads ({v.num_heads})")
     if a.hidden_size % a.num_heads:
         p.append(f"model.abstractor.hidden_size ({a.hidden_size}) must be divisible by num_heads ({a.num_heads})")
-    if a.hidden_size != v.hidden_size:
-        p.append(
-            f"model.abstractor.hidden_size ({a.hidden_size}) must equal model.vision.hidden_size ({v.hidden_size}): "
-            "the abstractor concatenates its queries with the image features for keys/values"
-        )
     if t.head_dim == 0 and t.hidden_size % t.num_heads:
         p.append(
             f"model.text.hidden_size ({t.hidden_size}) must be divisible by num_heads ({t.num_heads}) "
@@ -640,6 +785,30 @@ def _divisibility_problems(v: VisionConfig, a: AbstractorConfig, t: TextConfig) 
     if t.num_heads % t.kv_heads:
         p.append(f"model.text.num_heads ({t.num_heads}) must be divisible by num_kv_heads ({t.kv_heads})")
     return p
+
+
+# `model.connector` is open-ended (mlp{N}x_gelu for any N), so it is checked here rather than by `choice`.
+_CONNECTORS = ("abstractor", "linear", "mlp{N}x_gelu", "identity", "qformer")
+
+
+def _connector_problems(m: ModelConfig) -> list[str]:
+    """The connector name (mlp{N}x_gelu for any N >= 1), the feature selection and the widths it must fit."""
+    p: list[str] = []
+    name = "mlp{N}x_gelu" if re.fullmatch(r"mlp[1-9][0-9]*x_gelu", m.connector) else m.connector
+    _check_choice(p, "model.connector", name, _CONNECTORS)
+    layers = m.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else layers
+    n = m.vision.num_layers
+    if layers is not None:
+        if not layers:
+            p.append("model.vision_feature_layer: an empty list selects no features")
+        bad = [i for i in layers if not -(n + 1) <= i <= n]
+        if bad:
+            p.append(f"model.vision_feature_layer {bad} out of range for a {n}-layer tower (0..{n} or -{n + 1}..-1)")
+    if p:
+        return p
+    from owl_jax.models.connectors import connector_problems  # widths each connector needs
+    return connector_problems(m)
 
 
 def _model_problems(m: ModelConfig) -> list[str]:
@@ -653,17 +822,10 @@ def _model_problems(m: ModelConfig) -> list[str]:
         p.append("model.text.head_dim and model.text.num_kv_heads must be >= 0 (0 = derived)")
     if not p:  # the divisibility checks divide by these sizes
         p += _divisibility_problems(v, a, t)
-    _check_choice(p, "model.text.rope_scaling.type", t.rope_scaling.type, _ROPE_SCALING_TYPES)
-    _check_choice(p, "model.dtype", m.dtype, _DTYPES)
-    _check_choice(p, "model.param_dtype", m.param_dtype, _DTYPES)
-    if m.frozen_param_dtype:
-        _check_choice(p, "model.frozen_param_dtype", m.frozen_param_dtype, _DTYPES)
-    _check_choice(p, "model.remat_policy", m.remat_policy, _REMAT_POLICIES)
-    _check_choice(p, "model.vision.position_embedding_init", m.vision.position_embedding_init, ("sincos2d", "normal"))
     if m.vision.position_embedding_init == "sincos2d" and m.vision.hidden_size % 4:
         p.append(f"model.vision.position_embedding_init: sincos2d needs hidden_size divisible by 4, "
                  f"got {m.vision.hidden_size}")
-    _check_choice(p, "model.attention_impl", m.attention_impl, _ATTENTION_IMPLS)
+    p += _connector_problems(m)
     if m.loss_chunk_size < 0:
         p.append(f"model.loss_chunk_size must be >= 0, got {m.loss_chunk_size}")
     if m.lora.rank < 0:
@@ -687,12 +849,41 @@ def _mesh_problems(mesh: MeshConfig) -> list[str]:
     return p
 
 
+def _param_group_problems(o: OptimizerConfig) -> list[str]:
+    """Named, distinct groups with patterns and a positive rate (matching them against the trainable leaves
+    needs the model: `owl_jax.training.optimizer.check_param_groups`)."""
+    p: list[str] = []
+    if o.param_groups and o.lr_multipliers:
+        p.append("optimizer: give learning-rate groups as param_groups or as the older lr_multipliers, not both")
+    seen: set[str] = set()
+    for i, g in enumerate(o.param_groups):
+        key = f"optimizer.param_groups[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", g.name) or g.name == "default":
+            p.append(f"{key}.name: {g.name!r} must be a non-empty name of letters, digits, '_', '.', '-' "
+                     f"(and not 'default', the leaves no group takes)")
+        elif g.name in seen:
+            p.append(f"{key}.name: {g.name!r} names two groups")
+        seen.add(g.name)
+        if not g.patterns:
+            p.append(f"{key}.patterns: empty (give the parameter path patterns of the group)")
+        _check_regexes(p, f"{key}.patterns", g.patterns)
+        if not g.learning_rate > 0:
+            p.append(f"{key}.learning_rate must be > 0, got {g.learning_rate} (freeze parameters with "
+                     f"training.trainable instead)")
+    return p
+
+
 def _run_problems(config: Config) -> list[str]:
     """Optimizer, data and training options."""
     p: list[str] = []
-    _check_choice(p, "optimizer.schedule", config.optimizer.schedule, _SCHEDULES)
     _check_regexes(p, "optimizer.lr_multipliers", list(config.optimizer.lr_multipliers))
-    _check_choice(p, "training.stage", config.training.stage, _STAGES)
+    trainable = config.training.trainable
+    _check_regexes(p, "training.trainable", [t[1:] if t.startswith("!") else t for t in trainable])
+    if any(t in ("", "!") for t in trainable):
+        p.append("training.trainable: an empty pattern (it would match every parameter)")
+    elif trainable and all(t.startswith("!") for t in trainable):
+        p.append("training.trainable: only '!' patterns (exclusions); give the patterns of what trains")
+    p += _param_group_problems(config.optimizer)
     _check_positive(p, "data", config.data, ("seq_len", "global_batch_size"))
     _check_positive(p, "training", config.training, ("grad_accum_steps",))
     return p
@@ -700,7 +891,8 @@ def _run_problems(config: Config) -> list[str]:
 
 def validate(config: Config) -> Config:
     """Semantic checks across fields; raises one ConfigError listing every problem found. Returns `config`."""
-    problems = _model_problems(config.model) + _mesh_problems(config.mesh) + _run_problems(config)
+    problems = (enumerated_problems(config) + _model_problems(config.model) + _mesh_problems(config.mesh)
+                + _run_problems(config))
     if len(problems) == 1:
         raise ConfigError(f"invalid config: {problems[0]}")
     if problems:
@@ -737,6 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m owl_jax.config", description=main.__doc__)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. model.text.num_layers=4")
+    parser.add_argument("--choices", action="store_true",
+                        help="also list every enumerated key with its accepted values (after the YAML, as comments)")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -744,7 +938,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(dump_config(config))
+    if args.choices:
+        sys.stdout.write("# enumerated keys and their accepted values:\n")
+        for key, choices in enumerated_fields(Config):
+            sys.stdout.write(f"#   {key}: {' | '.join(repr(c) if c == '' else c for c in choices)}\n")
     return 0
+
+
+def enumerated_fields(cls: type = None, section: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """(dotted key, choices) of every enumerated field of `cls` (default `Config`) and its sections."""
+    cls = Config if cls is None else cls
+    out: list[tuple[str, tuple[str, ...]]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(section, f.name)
+        if "choices" in f.metadata:
+            out.append((key, tuple(f.metadata["choices"])))
+            continue
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            out += enumerated_fields(tp, key)
+        elif typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            out += enumerated_fields(args[0], f"{key}[]")
+    return out
 
 
 if __name__ == "__main__":

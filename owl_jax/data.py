@@ -30,7 +30,7 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
                   image_size=model.vision.image_size, tokens_per_image=model.tokens_per_image,
                   seed=data.seed if train else data.seed + 1, process_index=jax.process_index(),
                   num_processes=jax.process_count(), micro_batches=cfg.training.grad_accum_steps if train else 1,
-                  max_skip_fraction=data.max_skip_fraction, state=state, epochs=epochs)
+                  max_skip_fraction=data.max_skip_fraction, max_pixels=data.max_pixels, state=state, epochs=epochs)
     budget = max(per_process(data.images_per_batch, "data.images_per_batch"), 1)
     if data.kind == "captions":
         paths = data.train_paths if train else data.eval_paths
@@ -48,8 +48,10 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
         srcs = [InstructionSource(s.name or s.path, s.path, s.format, weight=s.weight or None, image_root=s.image_root)
                 for s in sources]
         return InstructionPipeline(srcs, image_budget=budget, train=train and data.augment, hflip=data.hflip,
-                                   packing=data.packing, system_prompt=data.system_prompt, **common)
-    raise ConfigError(f"data.kind {data.kind!r} is not one of captions, instructions, text")
+                                   packing=data.packing, system_prompt=data.system_prompt, template=data.template,
+                                   **common)
+    from owl_jax.config import DataConfig, field_choices  # (validated at load; a hand-built Config may skip that)
+    raise ConfigError(f"data.kind {data.kind!r} is not one of {', '.join(field_choices(DataConfig, 'kind'))}")
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -9,7 +9,13 @@ Writes a training run's model (the latest step, or the given step) as a PyTorch-
   peft-lora       the LoRA adapters as a PEFT directory (`adapter_config.json`, `adapter_model.safetensors`)
                   for the official layout (`--layout mplug-owl`) or a `LlamaForCausalLM` base (`--layout hf-llama`,
                   whose base is this run's `hf-llama --base-only` export);
-  hf-clip-vision  the vision tower as a `CLIPVisionModel` directory with `preprocessor_config.json`.
+  hf-clip-vision  the vision tower as a `CLIPVisionModel` directory with `preprocessor_config.json`;
+  llava-hf        a LLaVA-connector model as a `LlavaForConditionalGeneration` directory (config, processor
+                  and preprocessor configs, generation config, tokenizer);
+  blip2-hf / instructblip-hf
+                  a Q-Former model as a `Blip2ForConditionalGeneration` / `InstructBlipForConditionalGeneration`
+                  directory (`vision_model.*`, `query_tokens`, `qformer.*`, `language_projection.*`,
+                  `language_model.*`; config, processor and preprocessor configs, generation config, tokenizer).
 
 Weights are safetensors, bfloat16 unless `--dtype float32`, in shards with a `model.safetensors.index.json`
 above `--max-shard-size`. A run with LoRA adapters in the exported part needs `--merge-lora` (fold them
@@ -38,12 +44,13 @@ from owl_jax.convert.keymap import CheckpointMismatchError
 from owl_jax.convert.llama import llama_rules
 from owl_jax.convert.state import canonical_shapes
 
-FORMATS = ("mplug-owl", "hf-llama", "peft-lora", "hf-clip-vision")
+FORMATS = ("mplug-owl", "hf-llama", "peft-lora", "hf-clip-vision", "llava-hf", "blip2-hf", "instructblip-hf")
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # The part of the model each format exports (canonical path prefix; "" = everything).
-_PART = {"mplug-owl": "", "hf-llama": "language_model.", "hf-clip-vision": "vision_model.", "peft-lora": ""}
+_PART = {"mplug-owl": "", "hf-llama": "language_model.", "hf-clip-vision": "vision_model.", "peft-lora": "",
+         "llava-hf": "", "blip2-hf": "", "instructblip-hf": ""}
 # Files an earlier export may have left that would shadow or contradict a new one (removed by --force).
 _STALE = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
           "adapter_model.bin")
@@ -73,8 +80,11 @@ def parse_size(text: str) -> int:
 
 
 def adapted_layers(model: nnx.Module, prefix: str = "") -> list[str]:
-    """Canonical paths of the Dense layers under `prefix` that carry a LoRA adapter."""
-    return sorted({p.split(".lora.")[0] for p in canonical_shapes(model) if ".lora." in p and p.startswith(prefix)})
+    """Paths (as users write them in `model.lora.targets`) of the Dense layers under `prefix` that carry a
+    LoRA adapter."""
+    from owl_jax.models.layers import user_path
+    return sorted({user_path(p.split(".lora.")[0]) for p in canonical_shapes(model)
+                   if ".lora." in p and p.startswith(prefix)})
 
 
 def merge_adapters(model: nnx.Module) -> list[str]:
@@ -142,6 +152,22 @@ def export_files(model: nnx.Module, cfg: ModelConfig, fmt: str, *, dtype: str = 
         tensors = mplug_owl.export_hf_llama(model, cfg)
         configs = {"config.json": hf_configs.llama_config(cfg.text, dtype=dtype),
                    "generation_config.json": hf_configs.generation_config(cfg.text)}
+    elif fmt == "llava-hf":
+        from owl_jax.convert import llava
+        try:
+            tensors = llava.export_llava_hf(model, cfg)
+        except CheckpointMismatchError as e:
+            raise ExportError(f"cannot export as llava-hf: {e}") from None
+        configs = {"config.json": llava.llava_hf_config(cfg, dtype=dtype),
+                   "generation_config.json": hf_configs.generation_config(cfg.text), **llava.processor_files(cfg)}
+    elif fmt in ("blip2-hf", "instructblip-hf"):
+        from owl_jax.convert import blip2
+        try:
+            tensors = blip2.export_blip2_hf(model, cfg, fmt)
+        except CheckpointMismatchError as e:
+            raise ExportError(f"cannot export as {fmt}: {e}") from None
+        configs = {"config.json": blip2.blip2_hf_config(cfg, fmt, dtype=dtype),
+                   "generation_config.json": hf_configs.generation_config(cfg.text), **blip2.processor_files(cfg, fmt)}
     elif fmt == "hf-clip-vision":
         tensors = mplug_owl.export_hf_clip_vision(model, cfg, with_prefix=True)
         configs = {"config.json": hf_configs.clip_vision_config(cfg.vision, dtype=dtype),
@@ -164,10 +190,13 @@ def export_files(model: nnx.Module, cfg: ModelConfig, fmt: str, *, dtype: str = 
 def export_model(model: nnx.Module, cfg: ModelConfig, out: str | Path, fmt: str, *, dtype: str = "bfloat16",
                  merge_lora: bool = False, base_only: bool = False, layout: str = "mplug-owl",
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 tokenizer: str | None = None) -> list[Path]:
+                 tokenizer: str | None = None, legacy_adapter_bin: bool = False) -> list[Path]:
     """Write `model` to the directory `out` (created; files of the same names are overwritten) in `fmt`.
     `--merge-lora` modifies `model` in place. `tokenizer`: the run's tokenizer file or directory, copied
-    along (None or a built-in name like `toy:512`: nothing to copy). Returns the files written."""
+    along (None or a built-in name like `toy:512`: nothing to copy). `legacy_adapter_bin` (peft-lora) also
+    writes `adapter_model.bin` for peft < 0.5. Returns the files written."""
+    if legacy_adapter_bin and fmt != "peft-lora":
+        raise ExportError("--legacy-adapter-bin applies to --format peft-lora only")
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
@@ -180,6 +209,8 @@ def export_model(model: nnx.Module, cfg: ModelConfig, out: str | Path, fmt: str,
     if fmt == "peft-lora":
         io.save_safetensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
         written = [out / "adapter_model.safetensors"]
+        if legacy_adapter_bin:
+            written.append(save_torch_state_dict(tensors, out / "adapter_model.bin"))
     else:
         written = io.save_safetensors_checkpoint(tensors, out, max_shard_bytes=max_shard_bytes)
     for name, content in configs.items():
@@ -187,6 +218,26 @@ def export_model(model: nnx.Module, cfg: ModelConfig, out: str | Path, fmt: str,
         written.append(out / name)
     written += copy_tokenizer(tokenizer_files, out, cfg)
     return written
+
+
+def save_torch_state_dict(tensors: dict[str, np.ndarray], path: Path) -> Path:
+    """A plain `{key: torch.Tensor}` state dict written with `torch.save`: the `adapter_model.bin` that
+    peft before 0.5 loads (peft 0.3.x, which the official mPLUG-Owl code was used with, looks for no
+    safetensors file). Only tensors, so `torch.load(path, weights_only=True)` reads it; torch is imported
+    here because only this legacy file needs it."""
+    try:
+        import torch
+    except ImportError:
+        raise ExportError("--legacy-adapter-bin needs PyTorch (pip install torch==2.13.0)") from None
+    state = {}
+    for key in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[key])
+        if arr.dtype.name == "bfloat16":  # numpy has no bfloat16 torch understands: move the bits
+            state[key] = torch.from_numpy(arr.view(np.uint16).astype(np.int16)).view(torch.bfloat16).clone()
+        else:
+            state[key] = torch.from_numpy(arr.copy())
+    torch.save(state, path)
+    return path
 
 
 def find_tokenizer_files(tokenizer: str | None) -> dict[str, Path]:
@@ -277,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help=f"largest safetensors file before sharding with an index (default {DEFAULT_MAX_SHARD_SIZE})")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    parser.add_argument("--legacy-adapter-bin", action="store_true",
+                        help="peft-lora: also write adapter_model.bin (a torch state dict) for peft < 0.5, e.g. the "
+                             "peft 0.3 of the official mPLUG-Owl code (needs torch)")
     args = parser.parse_args(argv)
 
     from owl_jax.config import ConfigError
@@ -288,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, model = _load(args.checkpoint)
         written = export_model(model, cfg.model, out, args.format, dtype=args.dtype, merge_lora=args.merge_lora,
                                base_only=args.base_only, layout=args.layout, max_shard_bytes=max_shard,
-                               tokenizer=cfg.data.tokenizer)
+                               tokenizer=cfg.data.tokenizer, legacy_adapter_bin=args.legacy_adapter_bin)
     except (ExportError, ConfigError, CheckpointMismatchError, StateMismatchError, io.WeightFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,8 +4,9 @@
     python -m owl_jax.generate --checkpoint DIR [--image a.jpg] --interactive
 
 `DIR` is a training run (or one of its step directories), an official mPLUG-Owl layout directory or a
-`LlamaForCausalLM` directory (text only); see `owl_jax.loading`. The prompt is asked in the official
-conversation template (images first, one `Human: <image>` line each), and the answer printed.
+`LlamaForCausalLM` directory (text only), a llava-hf or original LLaVA directory; see `owl_jax.loading`. The
+prompt is asked in the model's conversation template (`data.template`; mPLUG-Owl's: images first, one
+`Human: <image>` line each; LLaVA's `vicuna_v1`: `USER: <image>\n... ASSISTANT:`), and the answer printed.
 
 How a batch is generated (`Generator.generate`):
 
@@ -16,10 +17,12 @@ How a batch is generated (`Generator.generate`):
    row generates what its prompt generates alone.
 2. Prefill (one jitted call): images through the vision tower and abstractor, spliced at their slots,
    the whole prompt through the decoder, keys/values written to a preallocated cache
-   [layers, batch, P + N, kv_heads, head_dim] (N: max new tokens, bucketed), logits of the last slot.
+   [layers, batch, P + N, kv_heads, head_dim] (N: the largest row budget, bucketed), logits of the last slot.
 3. Decode (jitted `lax.while_loop` over steps, static shapes): process the logits (repetition penalty,
    no-repeat-n-gram, then greedy or temperature / top-k / top-p sampling; see `owl_jax.sampling`), write
-   the token, run it through the decoder against the cache, until every row met EOS or N steps. Calls
+   the token, run it through the decoder against the cache, until every row met EOS or its own budget
+   (`Prompt.max_new_tokens`, a traced per-row limit: one long prompt with little room left in the
+   context does not shorten the other answers of its batch). Calls
    run `steps_per_call` steps at a time when stop strings are set, so the host can check the decoded
    text between calls and finish rows that produced one.
 
@@ -33,7 +36,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +50,18 @@ from owl_jax.sampling import SamplingParams, choose, process_logits
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One prompt: token ids with `tokens_per_image` ids of -1 per image, and its images in order
-    ([n, H, W, 3] CLIP-normalised; None or an empty array without images)."""
+    ([n, H, W, 3] CLIP-normalised; None or an empty array without images).
+
+    `max_new_tokens`: this row's own budget (e.g. the room its context leaves, `ChatSession.prompt` sets
+    it); the row stops at min(this, `GenerationSettings.max_new_tokens`) whatever the other rows of the
+    batch allow, so an answer never depends on what it is batched with. `seed`: the row's sampling stream
+    (default: its index in the batch); give a stable per-question value (evaluation does) to make sampled
+    answers independent of batching too."""
 
     tokens: np.ndarray
     pixels: np.ndarray | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -64,6 +75,17 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     stop_at_eos: bool = True
     seed: int = 0
+
+
+@dataclasses.dataclass
+class DecodeProgress:
+    """The decode state after one jitted call of `Generator.decode`: `step` tokens generated per row so
+    far, `out` [B, N] their ids (-1 where none: past a row's end; EOS included), `done` [B] the rows that
+    are finished (EOS, budget, filler rows); set `done[i]` to end row i before the next call."""
+
+    step: int
+    out: np.ndarray
+    done: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +162,37 @@ class Generator:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Prompt], settings: GenerationSettings = GenerationSettings()) -> list[Generation]:
+        """One Generation per prompt. Row i stops at EOS, a stop string or after min(prompts[i].max_new_tokens,
+        settings.max_new_tokens) tokens, and (when sampling) draws from the stream of (settings.seed,
+        prompts[i].seed or i): what the other rows are changes nothing in it."""
+        stopped = np.zeros(_pow2(max(len(prompts), 1)), bool)
+        eos = self.eos_id if settings.stop_at_eos else -1
+        chunk = self.steps_per_call if settings.stop_strings else None
+        for progress in self.decode(prompts, settings, steps_per_call=chunk):
+            if settings.stop_strings:
+                for i in np.flatnonzero(~progress.done[:len(prompts)]):
+                    text = self.tokenizer.decode(_tokens(progress.out[i], eos))
+                    if any(stop in text for stop in settings.stop_strings):
+                        progress.done[i] = stopped[i] = True
+        return [self._finish(progress.out[i], settings, stopped[i]) for i in range(len(prompts))]
+
+    def decode(self, prompts: Sequence[Prompt], settings: GenerationSettings,
+               steps_per_call: int | None = None) -> Iterator["DecodeProgress"]:
+        """The decode loop of `generate`, one `DecodeProgress` after each jitted call of `steps_per_call`
+        steps (None: one call for the whole budget). Streaming callers (`owl_jax.serving`) read the new ids
+        of each row between calls and may end rows (`progress.done[i] = True`: a stop string, a client that
+        went away); every call runs the same compiled program, whatever the chunk size. Stop strings of
+        `settings` are not checked here (`generate` checks them)."""
         if settings.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {settings.max_new_tokens}")
+        most = settings.max_new_tokens
+        limits = [most if pr.max_new_tokens is None else min(pr.max_new_tokens, most) for pr in prompts]
+        if min(limits, default=1) < 1:
+            raise ValueError(f"prompt {int(np.argmin(limits))} allows no new tokens (max_new_tokens {min(limits)})")
         batch = self._batch(prompts)
         b, p = batch["tokens"].shape
-        n = bucket(settings.max_new_tokens, minimum=16)
+        max_steps = max(limits)
+        n = bucket(max_steps, minimum=16)
         logits, cache = _prefill_jit(self.state, _model_inputs(batch), graphdef=self.graphdef, cache_len=p + n)
         s = settings.sampling
         history = np.full((b, p + n), -1, np.int32)
@@ -155,27 +203,27 @@ class Generator:
             rows, cols = np.nonzero(text >= 0)
             seen[rows, text[rows, cols]] = True
         done = np.arange(b) >= len(prompts)
+        # Per-row budgets and sampling streams are traced [B] arrays: no compile per value.
+        row_limits = np.asarray(limits + [1] * (b - len(prompts)), np.int32)
+        row_seeds = np.asarray([i if pr.seed is None else pr.seed for i, pr in enumerate(prompts)]
+                               + list(range(len(prompts), b)), np.int64).astype(np.uint32)
         carry = {"cache": cache, "logits": logits, "step": np.int32(0), "out": np.full((b, n), -1, np.int32),
                  "done": done, "seen": seen, "history": history, "pad": batch["pad"], "lengths": batch["lengths"]}
         eos = self.eos_id if settings.stop_at_eos else -1
-        consts = {**s.arrays(), "eos": np.int32(eos),
-                  "seed": np.uint32(settings.seed), "vocab": np.int32(self.token_limit)}
-        chunk = self.steps_per_call if settings.stop_strings else settings.max_new_tokens
-        stopped = np.zeros(b, bool)
+        consts = {**s.arrays(), "eos": np.int32(eos), "seed": np.uint32(settings.seed & 0xFFFFFFFF),
+                  "row_seeds": row_seeds, "row_limits": row_limits, "vocab": np.int32(self.token_limit)}
+        carry = _placed_like(carry, logits)
+        chunk = steps_per_call or max_steps
         while True:
-            limit = np.int32(min(int(carry["step"]) + chunk, settings.max_new_tokens))
+            limit = np.int32(min(int(carry["step"]) + chunk, max_steps))
             carry = _decode_jit(self.state, carry, consts, limit, graphdef=self.graphdef, do_sample=s.do_sample,
                                 ngram=s.no_repeat_ngram_size, prompt_len=p)
-            step, out, done = int(carry["step"]), np.asarray(carry["out"]), np.array(carry["done"])
-            if settings.stop_strings:
-                for i in np.flatnonzero(~done[:len(prompts)]):
-                    text = self.tokenizer.decode(_tokens(out[i], eos))
-                    if any(stop in text for stop in settings.stop_strings):
-                        done[i] = stopped[i] = True
-                carry["done"] = done
-            if done.all() or step >= settings.max_new_tokens:
-                break
-        return [self._finish(out[i], settings, stopped[i]) for i in range(len(prompts))]
+            # Host copies: the next call donates the carry's buffers.
+            progress = DecodeProgress(int(carry["step"]), np.array(carry["out"]), np.array(carry["done"]))
+            yield progress
+            carry["done"] = progress.done
+            if progress.done.all() or progress.step >= max_steps:
+                return
 
     def _finish(self, row: np.ndarray, settings: GenerationSettings, stopped: bool) -> Generation:
         row = row[row >= 0]
@@ -186,6 +234,19 @@ class Generator:
             return Generation(tokens, text[:min(cuts)], "stop")
         reason = "eos" if len(tokens) < len(row) else ("stop" if stopped else "length")
         return Generation(tokens, text, reason)
+
+
+def _placed_like(carry: dict, reference: jax.Array) -> dict:
+    """The host leaves of the first decode carry placed (replicated) on the mesh of the prefill's output,
+    where the carry of every later call lives (a training run's model is on a mesh): otherwise the first
+    call of a chunked decode compiles a program of its own. `done` stays a host array: the caller sets it
+    between calls."""
+    sharding = reference.sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return carry
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return {k: v if k == "done" or isinstance(v, jax.Array) else jax.device_put(v, replicated)
+            for k, v in carry.items()}
 
 
 def _tokens(row: np.ndarray, eos: int) -> list[int]:
@@ -221,6 +282,7 @@ def _decode(state, carry, consts, limit, *, graphdef, do_sample: bool, ngram: in
     lm = model.language_model
     arrays = {k: consts[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
     base_key = jax.random.key(consts["seed"])
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(consts["row_seeds"])  # one stream per row
     b = carry["out"].shape[0]
     vocab = carry["seen"].shape[1]
 
@@ -233,12 +295,13 @@ def _decode(state, carry, consts, limit, *, graphdef, do_sample: bool, ngram: in
         scores = process_logits(c["logits"], seen=c["seen"], history=c["history"], end=end, arrays=arrays,
                                 no_repeat_ngram_size=ngram)
         scores = jnp.where(jnp.arange(vocab) < consts["vocab"], scores, -jnp.inf)
-        token = choose(scores, jax.random.fold_in(base_key, step), arrays=arrays, do_sample=do_sample)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        token = choose(scores, keys, arrays=arrays, do_sample=do_sample)
         written = jnp.where(done, -1, token)
         out = jax.lax.dynamic_update_slice(c["out"], written[:, None], (0, step))
         history = jax.lax.dynamic_update_slice(c["history"], written[:, None], (0, end))
         seen = c["seen"].at[jnp.arange(b), jnp.where(done, vocab, token)].set(True, mode="drop")
-        done = done | (token == consts["eos"])
+        done = done | (token == consts["eos"]) | (step + 1 >= consts["row_limits"])  # each row's own budget
         embeds = lm.embed(token[:, None])
         positions = (c["lengths"] + step)[:, None]
         hidden, cache = forward_with_cache(lm, embeds, positions, c["cache"], pad=c["pad"], write_slot=end,
@@ -273,7 +336,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser, *, max_new_tokens:
     g.add_argument("--repetition-penalty", type=float)
     g.add_argument("--no-repeat-ngram", type=int, dest="no_repeat_ngram_size")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when the answer contains TEXT (repeatable; default: a new 'Human:' / 'AI:' turn)")
+                   help="stop when the answer contains TEXT (repeatable; default: the conversation template's stop "
+                        "strings, e.g. a new 'Human:' / 'AI:' turn)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -293,7 +357,7 @@ def settings_from_args(args: argparse.Namespace) -> GenerationSettings:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="training run directory (or RUN/checkpoints/STEP), official mPLUG-Owl or LLaMA HF directory")
+                        help="training run directory (or RUN/checkpoints/STEP), official mPLUG-Owl, LLaVA (llava-hf or original) or LLaMA HF directory")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the checkpoint's (file, folder or toy:VOCAB)")
     parser.add_argument("--lora", help="PEFT LoRA adapter directory to apply (Hugging Face directories)")
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights first")
@@ -310,15 +374,19 @@ def generator_for(loaded) -> Generator:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from owl_jax.chat import ChatError, ChatSession, load_image
+    from owl_jax.chat import ChatError, ChatSession, command_list, interactive, load_image, newline_warning
     from owl_jax.loading import LoadError, load_for_inference
     parser = argparse.ArgumentParser(prog="python -m owl_jax.generate", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="image file (repeatable; in order)")
+    from data_pipelines.templates import TEMPLATES
+    parser.add_argument("--template", choices=list(TEMPLATES), default=None,
+                        help="conversation template (default: the run's data.template; a Hugging Face directory: "
+                             "its family's, LLaVA vicuna_v1)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="the question; the answer is printed")
     mode.add_argument("--interactive", action="store_true",
-                      help="multi-turn chat on stdin (/image PATH adds an image, /reset starts over, /quit ends)")
+                      help=f"multi-turn chat on stdin (commands: {command_list()})")
     add_generation_arguments(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -334,40 +402,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
-                                    merge_lora=args.merge_lora, scan_layers=args.scan_layers)
+                                    merge_lora=args.merge_lora, scan_layers=args.scan_layers, template=args.template)
+        if (warning := newline_warning(loaded.tokenizer)) is not None:
+            print(f"warning: {warning}", file=sys.stderr)
         chat = ChatSession.for_config(loaded.config, loaded.tokenizer, system=args.system_prompt)
-        for path in args.image:
-            chat.add_image(load_image(path, loaded))
+        if args.stop is None:  # the template's own stop strings
+            settings = dataclasses.replace(settings, stop_strings=chat.stop_strings)
+        images = tuple(load_image(path, loaded) for path in args.image)
+        for pixels in images:
+            chat.add_image(pixels)
         generator = generator_for(loaded)
         if args.interactive:
-            return _interactive(chat, generator, settings, loaded)
+            return interactive(chat, generator, settings, loaded, images=images)
         print(chat.answer(generator, args.prompt, settings))
     except (LoadError, ChatError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _interactive(chat, generator: Generator, settings: GenerationSettings, loaded) -> int:
-    from owl_jax.chat import ChatError, load_image
-    print("chat: type a question; /image PATH adds an image, /reset starts over, /quit ends", file=sys.stderr)
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        try:
-            if line == "/reset":
-                chat.reset()
-                print("(new conversation)", flush=True)
-            elif line.startswith("/image"):
-                chat.add_image(load_image(line[len("/image"):].strip(), loaded))
-                print(f"(image {chat.num_images} added)", flush=True)
-            else:
-                print(f"AI: {chat.answer(generator, line, settings)}", flush=True)
-        except ChatError as e:  # a bad line does not end the session
-            print(f"error: {e}", file=sys.stderr, flush=True)
     return 0
 
 

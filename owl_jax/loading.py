@@ -7,10 +7,17 @@ Accepted paths:
   - an official mPLUG-Owl layout directory (`config.json` with `model_type: mplug-owl` + safetensors or
     `.bin` weights), e.g. the golden checkpoint or `python -m owl_jax.export --format mplug-owl`;
   - a `LlamaForCausalLM` directory (`model_type: llama`): the language model alone, for text-only
-    generation (the vision tower is a minimal placeholder, and images are refused).
+    generation (the vision tower is a minimal placeholder, and images are refused);
+  - a llava-hf directory (`LlavaForConditionalGeneration`: `model_type: llava` with `text_config` /
+    `vision_config`), e.g. `python -m owl_jax.export --format llava-hf` or a hub `llava-hf/...` checkpoint;
+  - an original LLaVA repository checkpoint (`LlavaLlamaForCausalLM`: a LLaMA config with `mm_vision_tower`,
+    `mm_projector_type`, ...), whose vision tower is the HF CLIP directory `mm_vision_tower` names: a local
+    path (absolute, or relative to the checkpoint directory; a hub name must be downloaded and the config
+    pointed at it).
 
 Hugging Face directories take their tokenizer from the directory (`tokenizer.json` / `tokenizer.model`)
-unless one is given. A PEFT LoRA adapter directory can be applied on top (`lora=`), unmerged or merged.
+unless one is given, and the conversation template of their family (`FAMILY_TEMPLATES`: LLaVA's `vicuna_v1`
+for both LLaVA layouts; a run keeps its own `data.template`; `template=` overrides either). A PEFT LoRA adapter directory can be applied on top (`lora=`), unmerged or merged.
 Everything a user can get wrong raises `LoadError` with one line that names the path.
 """
 
@@ -36,8 +43,13 @@ class Loaded:
     config: Config  # model architecture + data settings (tokenizer, system prompt, caption template, seq_len)
     model: nnx.Module
     tokenizer: object
-    kind: str  # run | mplug-owl | hf-llama
+    kind: str  # run | mplug-owl | hf-llama | llava-hf | llava-original
     has_vision: bool
+
+
+#: The conversation template (`data.template`) a Hugging Face directory of each kind is prompted in.
+FAMILY_TEMPLATES = {"mplug-owl": "mplug_owl", "hf-llama": "mplug_owl", "llava-hf": "vicuna_v1",
+                    "llava-original": "vicuna_v1"}
 
 
 #: The vision side of a text-only (`hf-llama`) model: tiny, never run on a real image.
@@ -48,7 +60,8 @@ _PLACEHOLDER_ABSTRACTOR = AbstractorConfig(hidden_size=8, num_layers=1, num_head
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """run | mplug-owl | hf-llama for a loadable path, else LoadError saying what the path is not."""
+    """run | mplug-owl | hf-llama | llava-hf | llava-original for a loadable path, else LoadError saying what
+    the path is not."""
     p = Path(path)
     if not p.exists():
         raise LoadError(f"{path} does not exist")
@@ -59,14 +72,29 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
         raise LoadError(f"{path} is neither a training run directory (with checkpoints/) nor a Hugging Face "
                         f"directory with config.json")
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
+        c = json.loads(config.read_text())
+        model_type = c.get("model_type")
     except (OSError, ValueError, AttributeError) as e:
         raise LoadError(f"{config} is not a readable config: {e}") from None
     if model_type in ("mplug-owl", "mplug_owl"):
         return "mplug-owl"
+    if any(k in c for k in ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")):
+        return "llava-original"
+    if model_type == "llava":
+        return "llava-hf"
     if model_type == "llama":
         return "hf-llama"
-    raise LoadError(f"{config}: model_type {model_type!r} is neither an mPLUG-Owl nor a LLaMA checkpoint")
+    raise LoadError(f"{config}: model_type {model_type!r} is not an mPLUG-Owl, LLaVA or LLaMA checkpoint")
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """A name for the model at `path`, for `model_id` in answers: the directory's name, and for one step
+    directory of a run (`RUN/checkpoints/12`) the run's name and step (`RUN-step12`), not the bare step
+    number. A run directory (its latest step) is just the run's name."""
+    p = Path(os.path.abspath(path))
+    if p.parent.name == "checkpoints" and p.name.isdigit():
+        return f"{p.parent.parent.name}-step{int(p.name)}"
+    return p.name
 
 
 def _tokenizer(spec: str | os.PathLike, what: str):
@@ -113,42 +141,90 @@ def _allocate(cfg: ModelConfig) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(zeros, abstract))
 
 
+def _vision_tower(path: Path, c: dict) -> Path:
+    """The HF CLIP directory an original LLaVA config names (`mm_vision_tower`), or LoadError."""
+    name = c.get("mm_vision_tower") or c.get("vision_tower")
+    if not isinstance(name, str) or not name:
+        raise LoadError(f"{path / 'config.json'}: an original LLaVA config without mm_vision_tower")
+    for candidate in (Path(name), path / name):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise LoadError(f"{path} is an original LLaVA checkpoint whose vision tower {name!r} is not a local "
+                    f"directory; download that CLIP model and set mm_vision_tower in {path / 'config.json'} to "
+                    f"its path")
+
+
+def _llava_original_config(path: Path) -> tuple[ModelConfig, Path]:
+    from owl_jax.convert.llava import original_llava_settings
+    from owl_jax.convert.mplug_owl import text_config_from_hf, vision_config_from_hf
+    c = json.loads((path / "config.json").read_text())
+    tower = _vision_tower(path, c)
+    t = json.loads((tower / "config.json").read_text())
+    t = t.get("vision_config", t)  # a full CLIPModel config holds the tower's under vision_config
+    vision = dataclasses.replace(vision_config_from_hf(t), hidden_act=t.get("hidden_act", "quick_gelu"),
+                                 layer_norm_eps=t.get("layer_norm_eps", 1e-5))
+    return ModelConfig(vision=vision, text=text_config_from_hf(c), **original_llava_settings(c)), tower
+
+
 def _from_hf(path: Path, kind: str, lora: Path | None, scan_layers: bool) -> tuple[Config, nnx.Module]:
-    from owl_jax.convert import io
+    from owl_jax.convert import io, llava
     from owl_jax.convert.keymap import CheckpointMismatchError
-    from owl_jax.convert.mplug_owl import (load_hf_llama, load_official, load_peft_lora, read_official_config,
-                                           text_config_from_hf)
+    from owl_jax.convert.mplug_owl import (load_hf_clip_vision, load_hf_llama, load_official, load_peft_lora,
+                                           read_official_config, text_config_from_hf)
     from owl_jax.convert.state import StateMismatchError
+    if lora and kind.startswith("llava"):
+        raise LoadError(f"--lora applies to mPLUG-Owl and LLaMA directories, not {kind} ones (merge the adapters "
+                        f"before exporting)")
+    tower = None
     try:
         if kind == "mplug-owl":
             model_cfg = read_official_config(path)
+        elif kind == "llava-hf":
+            model_cfg = llava.read_llava_config(path)
+        elif kind == "llava-original":
+            model_cfg, tower = _llava_original_config(path)
         else:
             text = text_config_from_hf(json.loads((path / "config.json").read_text()))
             model_cfg = ModelConfig(vision=_PLACEHOLDER_VISION, abstractor=_PLACEHOLDER_ABSTRACTOR, text=text)
-    except (KeyError, TypeError, CheckpointMismatchError, io.WeightFileError) as e:
+    except (KeyError, TypeError, ValueError, CheckpointMismatchError, io.WeightFileError) as e:
         raise LoadError(f"{path / 'config.json'} is not a usable {kind} config ({type(e).__name__}: {e})") from None
     model_cfg = dataclasses.replace(model_cfg, lora=_adapter_lora(lora) if lora else LoRAConfig(),
                                     scan_layers=scan_layers)
     model = _allocate(model_cfg)
     try:
-        (load_official if kind == "mplug-owl" else load_hf_llama)(model, model_cfg, path)
+        if kind.startswith("llava"):
+            if tower is not None:
+                load_hf_clip_vision(model, model_cfg, tower)
+            llava.load_llava_checked(model, model_cfg, path)
+        else:
+            (load_official if kind == "mplug-owl" else load_hf_llama)(model, model_cfg, path)
         if lora:
             load_peft_lora(model, model_cfg, lora, layout=kind)
     except (CheckpointMismatchError, StateMismatchError, io.WeightFileError) as e:
         raise LoadError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-    data = DataConfig(tokenizer=str(path), seq_len=model_cfg.text.max_position_embeddings)
+    data = DataConfig(tokenizer=str(path), seq_len=model_cfg.text.max_position_embeddings,
+                      template=FAMILY_TEMPLATES[kind])
     return Config(model=model_cfg, data=data), model
 
 
 def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None, lora: str | None = None,
-                       merge_lora: bool = False, scan_layers: bool = False) -> Loaded:
+                       merge_lora: bool = False, scan_layers: bool = False, template: str | None = None,
+                       require_tokenizer: bool = True) -> Loaded:
     """The model (eval mode) of a training run or HF directory; see the module docstring.
 
     `tokenizer` overrides the checkpoint's (e.g. `toy:512`); `lora` is a PEFT adapter directory for a HF
     directory (runs carry their own adapters); `merge_lora` folds every adapter into its kernel (in
     float32) instead of applying it unmerged at each step. `scan_layers` stacks the layers of a model read
     from a HF directory (one traced layer: faster compiles for deep models; runs keep their own layout).
+    `template` overrides the conversation template (`data.template`). Without `require_tokenizer`, a
+    checkpoint without a loadable tokenizer gives `tokenizer=None` (tools that feed token ids themselves).
     """
+    if template is not None:
+        from data_pipelines.templates import get_template
+        try:
+            get_template(template)
+        except ValueError as e:
+            raise LoadError(str(e)) from None
     kind = checkpoint_kind(path)
     lora_dir = Path(lora) if lora else None
     if lora_dir is not None and not lora_dir.is_dir():
@@ -162,13 +238,21 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None,
             cfg, model = load_run(path)
         except (CheckpointError, ConfigError) as e:
             raise LoadError(str(e).splitlines()[0]) from None
-        tok = _tokenizer(tokenizer or cfg.data.tokenizer, str(path))
+        spec = tokenizer or cfg.data.tokenizer
     else:
         cfg, model = _from_hf(Path(path), kind, lora_dir, scan_layers)
-        tok = _tokenizer(tokenizer or path, str(path))
+        spec = tokenizer or path
+    try:
+        tok = _tokenizer(spec, str(path))
+    except LoadError:
+        if require_tokenizer:
+            raise
+        tok = None
     if tokenizer:
         cfg.data.tokenizer = tokenizer
-    if tok.vocab_size > cfg.model.text.vocab_size:
+    if template is not None:
+        cfg.data.template = template
+    if tok is not None and tok.vocab_size > cfg.model.text.vocab_size:
         raise LoadError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.text.vocab_size}")
     if merge_lora:
         from owl_jax.export import merge_adapters

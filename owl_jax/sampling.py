@@ -113,10 +113,13 @@ def process_logits(logits: jax.Array, *, seen: jax.Array, history: jax.Array, en
     return logits
 
 
-def choose(logits: jax.Array, key: jax.Array, *, arrays: dict[str, jax.Array], do_sample: bool) -> jax.Array:
-    """[B] next tokens from processed logits: argmax, or a draw after temperature / top-k / top-p."""
+def choose(logits: jax.Array, keys: jax.Array, *, arrays: dict[str, jax.Array], do_sample: bool) -> jax.Array:
+    """[B] next tokens from processed logits: argmax, or a draw after temperature / top-k / top-p.
+
+    `keys` [B] are per-row random keys: a row's draw depends on its own key only, not on the batch size
+    or its place in the batch (one key split over [B, V] would tie every row to the batch shape)."""
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scores = logits / arrays["temperature"]
     scores = top_p_filter(top_k_filter(scores, arrays["top_k"]), arrays["top_p"])
-    return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+    return jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, scores).astype(jnp.int32)

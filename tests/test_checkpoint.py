@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from owl_jax.checkpoint import (CheckpointError, CheckpointStore, IncompatibleCheckpointError, check_compatible,
-                                install_sigterm_handler)
+from owl_jax.checkpoint import CheckpointError, CheckpointStore, IncompatibleCheckpointError, check_compatible
 from owl_jax.config import ConfigError, to_dict
+from owl_jax.interrupts import RunSignals
 from owl_jax.sharding import make_mesh
 from owl_jax.training.train_step import abstract_train_state, create_trainer
 from test_training import config, make_batch
@@ -120,12 +120,12 @@ def test_checkpoint_directory_is_self_contained(run):
 def test_incompatible_config_is_refused_with_the_differing_keys(run):
     saved = to_dict(run.cfg)
     changed = config(STAGE, "model.text.num_layers=2", "model.lora.rank=8", "data.seq_len=64",
-                     "data.global_batch_size=8", "training.stage=instruct_full")
+                     "data.global_batch_size=16", "training.stage=instruct_full")
     with pytest.raises(IncompatibleCheckpointError) as err:
         check_compatible(saved, changed)
     message = str(err.value)
     for key, old, new in [("model.text.num_layers", 1, 2), ("model.lora.rank", 4, 8), ("data.seq_len", 96, 64),
-                          ("data.global_batch_size", 4, 8), ("training.stage", "'lm_pretrain'", "'instruct_full'")]:
+                          ("data.global_batch_size", 8, 16), ("training.stage", "'lm_pretrain'", "'instruct_full'")]:
         assert f"{key}: saved {old}, now {new}" in message
     assert "training.steps" not in message
     assert isinstance(err.value, ConfigError)
@@ -240,19 +240,65 @@ def test_a_crashed_save_is_ignored_and_corrupt_checkpoints_are_errors(tmp_path):
     gc.collect()
 
 
-def test_sigterm_sets_the_flag_and_uninstall_restores_the_previous_handlers():
+def test_run_signals_in_training_set_the_flag_and_uninstall_restores_the_previous_handlers():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    first = install_sigterm_handler()
-    second = install_sigterm_handler()  # independent objects, each owning its flag
+    exits = []
+    signals = RunSignals(exit_now=exits.append)
     try:
-        assert not first.requested and not second.requested
+        signals.training()
+        assert not signals.requested
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while not second.requested and time.monotonic() < deadline:
+        while not signals.requested and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert second.requested and second.signum == signal.SIGTERM
-        assert not first.requested  # only the installed (latest) handler saw it
+        assert signals.requested and signals.signum == signal.SIGTERM and not signals.interrupted
+        assert exits == []  # a preemption checkpoints: nothing exits at once
     finally:
-        second.uninstall()
-        first.uninstall()
+        signals.uninstall()
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_run_signals_before_the_first_step_exit_at_once_and_a_second_ctrl_c_too():
+    exits = []
+    signals = RunSignals(exit_now=exits.append)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # start-up phase: exit 130 at once, no KeyboardInterrupt
+        deadline = time.monotonic() + 5
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exits == [130] and not signals.requested
+        signals.training()
+        os.kill(os.getpid(), signal.SIGINT)  # first Ctrl-C in training: checkpoint, then exit 130
+        while not signals.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert signals.interrupted and exits == [130]
+        os.kill(os.getpid(), signal.SIGINT)  # second: at once
+        while len(exits) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exits == [130, 130]
+    finally:
+        signals.uninstall()
+
+
+def test_reading_a_run_does_not_warn_that_its_directory_is_read_only(run):
+    """Orbax's "Given directory is read only" notice on every evaluation / export load is dropped."""
+    import logging
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep(level=logging.DEBUG)
+    absl_logger = logging.getLogger("absl")
+    previous_level = absl_logger.level
+    absl_logger.addHandler(handler)
+    absl_logger.setLevel(logging.DEBUG)
+    try:
+        reader = CheckpointStore(run.run_dir)
+        assert reader.latest_step() == 2
+        reader.close()
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(previous_level)
+    assert seen and not any("read only" in m for m in seen)  # other Orbax messages still come through

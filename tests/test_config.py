@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -298,7 +299,8 @@ def test_tiny_test_config():
     cfg = load_config(CONFIGS / "tiny_test.yaml")
     assert cfg.model.text.hidden_size == 96  # from the base
     assert (cfg.mesh.fsdp, cfg.training.steps, cfg.data.seq_len) == (-1, 3, 96)
-    assert (cfg.data.global_batch_size, cfg.data.images_per_batch) == (4, 4)
+    assert (cfg.data.global_batch_size, cfg.data.images_per_batch) == (8, 8)
+    assert (cfg.data.kind, cfg.data.tokenizer) == ("captions", "toy:512")
 
 
 # ---- dump / restore ------------------------------------------------------------------------------------
@@ -340,3 +342,39 @@ def test_cli_prints_resolved_yaml():
     data = yaml.safe_load(proc.stdout)
     assert data["training"]["steps"] == 7
     assert data["model"]["text"]["hidden_size"] == 96
+
+
+# ---- enumerated options: one list for validation, messages and docs ------------------------------------
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.kind=synthetic", "data.kind: 'synthetic' is not one of captions, instructions, text"),
+    ("training.stage=instruct_lroa", "did you mean 'instruct_lora'?"),
+    ("model.attention_impl=flash", "model.attention_impl: 'flash' is not one of xla, cudnn"),
+    ("model.dtype=bf16", "model.dtype: 'bf16' is not one of float32, bfloat16, float16"),
+    ("optimizer.schedule=cosin", "did you mean 'cosine'?"),
+    ("data.sources=[{path: a.json, format: alpacca}]", "data.sources[0].format: 'alpacca' is not one of"),
+    ("model.text.rope_scaling.type=yarn", "model.text.rope_scaling.type: 'yarn'"),
+])
+def test_enumerated_fields_are_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / "tiny_test.yaml", [override])
+
+
+def test_accepted_choices_are_the_lists_the_code_uses():
+    from data_pipelines.conversation import READERS
+    from owl_jax.config import DataConfig, SourceConfig, TrainingConfig, enumerated_fields, field_choices
+    from owl_jax.training.stages import STAGES
+    assert set(field_choices(SourceConfig, "format")) == set(READERS)
+    assert STAGES == field_choices(TrainingConfig, "stage")
+    assert field_choices(DataConfig, "kind") == ("captions", "instructions", "text")
+    keys = dict(enumerated_fields())
+    assert keys["data.kind"] == ("captions", "instructions", "text") and "data.sources[].format" in keys
+    for key, choices in keys.items():  # every default is one of its own choices
+        assert choices[0] in choices and len(set(choices)) == len(choices), key
+
+
+def test_config_cli_lists_the_choices():
+    proc = run_cli("--config", "configs/tiny_test.yaml", "--choices")
+    assert proc.returncode == 0
+    assert "#   data.kind: captions | instructions | text" in proc.stdout

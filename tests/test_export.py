@@ -160,8 +160,17 @@ def test_clip_vision_export_matches_transformers(lora_case):
     print(f"hf-clip-vision export vs owl-jax tower: max abs err {max(errors):.3g}")
     assert len(hidden) == len(out.hidden_states) and max(errors) < ATOL
     processor = transformers.CLIPImageProcessor.from_pretrained(directory, local_files_only=True)
-    assert processor.size == {"height": size, "width": size} and not processor.do_center_crop
+    # the form transformers 4.28-4.31 accept (size by shortest edge) and the official processor reads
+    written = json.loads((directory / "preprocessor_config.json").read_text())
+    assert written["size"] == {"shortest_edge": size} and written["crop_size"] == {"height": size, "width": size}
     np.testing.assert_allclose(processor.image_mean, [0.48145466, 0.4578275, 0.40821073])
+    # on an image squashed to size x size (the official processor's first step) it gives owl-jax's pixels
+    from PIL import Image
+    from data_pipelines.images import preprocess
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    square = photo.resize((size, size), 3)
+    theirs = processor(square, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    np.testing.assert_allclose(theirs, preprocess(photo, size, train=False), atol=2e-2)
 
 
 def test_peft_target_modules_are_exactly_the_adapted_layers(official, golden_dir, lora_case):
@@ -499,15 +508,30 @@ def test_cli_exports_of_a_training_run(run_dir, run_model, tmp_path):
 
     _export(run_dir / "checkpoints" / "1", tmp_path / "base", "--format", "hf-llama", "--base-only",
             "--dtype", "float32")
-    _export(run_dir, tmp_path / "adapter", "--format", "peft-lora", "--layout", "hf-llama", "--dtype", "float32")
+    _export(run_dir, tmp_path / "adapter", "--format", "peft-lora", "--layout", "hf-llama", "--dtype", "float32",
+            "--legacy-adapter-bin")
     with_adapter = peft.PeftModel.from_pretrained(_hf_llama(tmp_path / "base"), tmp_path / "adapter",
                                                   local_files_only=True).eval()
     assert max_err(_torch_logits(with_adapter, tokens), merged) < ATOL
+    # the legacy adapter_model.bin (peft < 0.5 reads only it): a plain tensor state dict, the same tensors,
+    # and what peft loads when it is the only weight file there
+    legacy = torch.load(tmp_path / "adapter" / "adapter_model.bin", weights_only=True)
+    current = load_tensors(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sorted(legacy) == sorted(current) and all(isinstance(v, torch.Tensor) for v in legacy.values())
+    for key, value in legacy.items():
+        np.testing.assert_array_equal(value.numpy(), np.asarray(current[key]))
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    from_bin = peft.PeftModel.from_pretrained(_hf_llama(tmp_path / "base"), tmp_path / "adapter",
+                                              local_files_only=True).eval()
+    assert max_err(_torch_logits(from_bin, tokens), merged) < ATOL
 
     # default bf16 official export: the run's weights rounded once; adapters for the official layout
     _export(run_dir, tmp_path / "owl", "--format", "mplug-owl", "--base-only", "--max-shard-size", "200KB")
     assert (tmp_path / "owl" / "model.safetensors.index.json").is_file()
-    _export(run_dir, tmp_path / "owl_adapter", "--format", "peft-lora")
+    _export(run_dir, tmp_path / "owl_adapter", "--format", "peft-lora", "--legacy-adapter-bin")
+    bf16 = torch.load(tmp_path / "owl_adapter" / "adapter_model.bin", weights_only=True)
+    assert {v.dtype for v in bf16.values()} == {torch.bfloat16}
+    (tmp_path / "owl_adapter" / "adapter_model.bin").unlink()
     owl = tensors_to_params(load_tensors(tmp_path / "owl"), official_rules(cfg.model), ignore=IGNORED_BUFFERS)
     adapter = load_tensors(tmp_path / "owl_adapter")
     owl.update(tensors_to_params(adapter, lora_rules_from_keys(list(adapter), official_rules(cfg.model))))

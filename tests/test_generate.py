@@ -271,6 +271,25 @@ def test_sampling_options(hf_llama):
     assert sample(temperature=2.0, seed=1) != free
 
 
+def test_each_row_stops_on_its_own_budget(hf_llama):
+    """Per-row `Prompt.max_new_tokens`: a row with little room does not shorten the others (which run to
+    the batch-wide limit), and every row equals the same prompt generated alone; sampled rows with their
+    own seed equal their alone-draws too."""
+    generator = hf_llama[1]
+    settings = dataclasses.replace(GREEDY16, max_new_tokens=12)
+    prompts = [Prompt(np.asarray(p, np.int32), max_new_tokens=m) for p, m in zip(TEXT_PROMPTS, (3, None, 20))]
+    batched = generator.generate(prompts, settings)
+    assert [len(g.tokens) for g in batched] == [3, 12, 12]
+    assert [g.finish_reason for g in batched] == ["length"] * 3
+    assert [g.tokens for g in batched] == [generator.generate([p], settings)[0].tokens for p in prompts]
+    sampled = dataclasses.replace(settings, sampling=SamplingParams(do_sample=True, temperature=2.0))
+    seeded = [dataclasses.replace(p, seed=100 + i) for i, p in enumerate(prompts)]
+    together = [g.tokens for g in generator.generate(seeded, sampled)]
+    assert together == [generator.generate([p], sampled)[0].tokens for p in seeded]
+    assert [g.tokens for g in generator.generate(seeded[::-1], sampled)][::-1] == together  # any place in the batch
+    assert generator.generate([dataclasses.replace(seeded[2], seed=7)], sampled)[0].tokens != together[2]
+
+
 def test_compiles_bounded_across_prompt_lengths(hf_llama):
     """Prompts of 2..64 tokens in batches of 3 share one prefill and one decode executable (none at all
     when an earlier test compiled that bucket); longer prompts go to a handful of larger buckets."""
@@ -357,13 +376,42 @@ def test_cli_answers_a_prompt(tiny_run, tiny_loaded, capsys):
 
 
 def test_cli_interactive_chat(tiny_run, capsys, monkeypatch):
-    script = "what is it?\n/image {missing}\n/reset\n/image {b}\nwhat is in the picture?\n/quit\nnever read\n"
+    """An input prompt before every line; an unknown command is reported, not asked; /reset keeps the
+    --image picture (the same question then gets the same answer as at the start)."""
+    script = ("what is it?\n/imag {b}\n/image {missing}\n/image\n/reset\nwhat is it?\n/image {b}\n"
+              "what is in the picture?\n/quit\nnever read\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(script.format(b=tiny_run / "b.png", missing=tiny_run / "no.png")))
     assert main(["--checkpoint", str(tiny_run / "run"), "--image", str(tiny_run / "a.png"), "--interactive",
                  "--max-new-tokens", "4"]) == 0
     out, err = capsys.readouterr()
-    assert out.count("AI: ") == 2 and "(new conversation)\n(image 1 added)" in out
-    assert "no.png" in err and "Traceback" not in err
+    answers = [line for line in out.splitlines() if line.startswith("AI: ")]
+    assert len(answers) == 3 and answers[0] == answers[1]  # the reset conversation still has a.png
+    assert "(new conversation; 1 image from --image kept)\n" in out and "(image 2 added)" in out
+    assert err.count("Human: ") == 9  # a prompt before each of the 9 lines read (the 10th is never read)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 3 and "unknown command /imag; commands: /image PATH, /reset, /quit" in errors[0]
+    assert "no.png" in errors[1] and "/image needs a file" in errors[2] and "Traceback" not in err
+
+
+def test_tokenizer_without_a_newline_piece_is_warned_about_once(tiny_run, tmp_path, capsys):
+    """A SentencePiece model without byte fallback turns the template's line breaks into ⁇ (unk): the CLI
+    says so once, before answering; the run's own tokenizer (byte fallback) gets no warning."""
+    import sentencepiece as spm
+    from owl_jax.chat import newline_warning
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["what is it? a red circle on the left"] * 20),
+                                   model_writer=model, model_type="bpe", vocab_size=40, byte_fallback=False,
+                                   normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   num_threads=1, minloglevel=2)
+    (tmp_path / "nonl.model").write_bytes(model.getvalue())
+    assert "no piece for a newline" in newline_warning(load_tokenizer(tmp_path / "nonl.model"))
+    assert newline_warning(load_tokenizer(tiny_run / "spm.model")) is None
+    assert newline_warning(load_tokenizer("toy:512")) is None
+    args = ["--checkpoint", str(tiny_run / "run"), "--prompt", "what is it?", "--max-new-tokens", "2"]
+    assert main([*args, "--tokenizer", str(tmp_path / "nonl.model")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "'⁇'" in err
+    assert main(args) == 0 and "warning" not in capsys.readouterr().err
 
 
 def test_chat_history_in_the_official_template():

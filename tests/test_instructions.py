@@ -349,3 +349,136 @@ def test_system_prompt_with_a_role_marker_is_refused(tmp_path):
     src = InstructionSource("chat", write_json(tmp_path / "c.json", [sharegpt("q", "a")]), "sharegpt")
     with pytest.raises(DataError, match="role marker"):
         pipeline([src], rows=2, epochs=1, system_prompt="Be nice.\nAI: ok")
+
+
+def test_a_bad_record_is_counted_once_over_epochs_cycles_resume_and_resplit(tmp_path):
+    """The small source is drawn three times per epoch (weights 1:1 for sizes 6:2): its bad record is met
+    9 times in 3 epochs and counted once; so is the text source's."""
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), colour(1)).save(tmp_path / "img" / "ok.png")
+    chat = write_jsonl(tmp_path / "chat.jsonl", [sharegpt(f"q {i}", f"a {i}") for i in range(5)] + ["{broken"])
+    vis = write_json(tmp_path / "vis.json", [llava(["ok.png"]), llava(["gone.png"])])
+    sources = [InstructionSource("chat", chat, "sharegpt", weight=1.0),
+               InstructionSource("vis", vis, "llava", weight=1.0, image_root=str(tmp_path / "img"))]
+    distinct = {"malformed_json": 1, "missing_image": 1}
+    kw = dict(rows=2, image_budget=2, max_skip_fraction=0.5)
+    whole = pipeline(sources, epochs=3, **kw)
+    assert whole.epoch_length == 12 and whole.draws == [6, 6]
+    batches = list(whole)
+    assert whole.skip_counts() == distinct and whole.state()["considered"] == 8
+    assert whole.state()["seen"] == 3 * (5 + 3)  # usable draws: 5 chat + 3 of the 6 vis draws, per epoch
+    p = pipeline(sources, **kw)
+    for _ in range(5):
+        next(p)
+    resumed = pipeline(sources, state=p.state(), **kw)
+    for _ in range(len(batches) - 5):
+        next(resumed)
+    assert resumed.skip_counts() == distinct
+    two = [pipeline(sources, process_index=i, num_processes=2, **kw) for i in range(2)]
+    for q in two:
+        for _ in range(4):
+            next(q)
+    states = two[0].remap_states([q.state() for q in two], 3)
+    three = [pipeline(sources, process_index=i, num_processes=3, state=states[i], **kw) for i in range(3)]
+    for q in three:
+        for _ in range(4):
+            next(q)
+    total = {}
+    for q in three:
+        for k, v in q.skip_counts().items():
+            total[k] = total.get(k, 0) + v
+    assert total == distinct
+
+
+def test_the_skip_limit_is_checked_when_a_small_first_pass_ends(tmp_path):
+    src = InstructionSource("chat", write_jsonl(tmp_path / "c.jsonl", [sharegpt("q", "a")] * 8 + ["{x", "{y"]),
+                            "sharegpt")
+    p = pipeline([src], rows=2)  # default limit 0.1: 2 of 10 are bad
+    with pytest.raises(DataError, match=r"2 of 10 instruction samples were unusable .*malformed_json: chat\[\d\]"):
+        for _ in range(20):
+            next(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA's data and templates
+# --------------------------------------------------------------------------------------------------
+
+def _llava_data(d):
+    """LLaVA-Pretrain (`blip_laion_cc_sbu_558k.json`: id, image in a sub-folder, the tag before or after the
+    instruction) and `llava_v1_5_mix665k.json` (image and text-only entries mixed, multi-turn) records."""
+    (d / "00453").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 6), colour(i)).save(d / "00453" / f"00453{i}.jpg")
+    pretrain = [{"id": f"00453{i}", "image": f"00453/00453{i}.jpg", "conversations": [
+        {"from": "human", "value": ("Give a brief description of the image.\n<image>" if i % 2
+                                    else "<image>\nWrite a terse but informative summary of the picture.")},
+        {"from": "gpt", "value": f"caption number {i} of a colour"}]} for i in range(3)]
+    mix = [{"id": "a", "image": "00453/004530.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "A colour."},
+        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Quite sure."}]},
+        {"id": "b", "model": "", "conversations": [  # ShareGPT part: no image
+            {"from": "human", "value": "Write one line."}, {"from": "gpt", "value": "One line."}]}]
+    return (InstructionSource("pretrain", write_json(d / "blip_laion_cc_sbu_558k.json", pretrain), "llava",
+                              image_root=str(d)),
+            InstructionSource("mix", write_json(d / "llava_v1_5_mix665k.json", mix), "llava", image_root=str(d)),
+            pretrain, mix)
+
+
+@pytest.mark.parametrize("template", ["plain", "vicuna_v1"])
+def test_llava_pretrain_and_mix665k_in_llava_templates(tmp_path, template):
+    from data_pipelines.conversation import read_record
+    from data_pipelines.templates import get_template
+    from data_pipelines.tokenize import to_training_sample
+    pre, mix, pre_records, mix_records = _llava_data(tmp_path)
+    sources = [pre] if template == "plain" else [pre, mix]
+    records = {"pretrain": pre_records, "mix": mix_records}
+    p = pipeline(sources, epochs=1, rows=5, image_budget=5, template=template)
+    batch = next(p)
+    t = get_template(template)
+    assert len(p.last_batch) == len(pre_records) + (len(mix_records) if template != "plain" else 0)
+    for info in p.last_batch:
+        conv = t.with_system(read_record(records[info.source][info.record], "llava"), None)
+        want = to_training_sample(conv, TOK, 128, TPI, template=t)
+        row = batch["tokens"][info.row]
+        np.testing.assert_array_equal(row[:len(want)], want.tokens)
+        np.testing.assert_array_equal(batch["loss_mask"][info.row][:len(want)], want.loss_mask)
+        assert info.num_images == (0 if info.source == "mix" and info.record == 1 else 1)
+    if template == "plain":  # the caption and its newline trained, right after the image; no EOS
+        first = batch["tokens"][0]
+        assert (first[1:1 + TPI] < 0).all() and TOK.eos_id not in first[batch["segment_ids"][0] > 0]
+    else:  # every answer ends with a trained EOS
+        trained = batch["targets"][batch["loss_mask"]]
+        assert (trained == TOK.eos_id).sum() == 3 + 3
+    assert p.skip_counts() == {}
+
+
+class _MuteTokenizer(ToyWordTokenizer):
+    """Encodes the word "ineffable" (and the newline after it) to nothing: a caption of it trains no token."""
+
+    def encode(self, text):
+        return [] if "ineffable" in text else super().encode(text)
+
+
+def test_a_sample_with_no_trained_token_is_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    from data_pipelines import inspect as inspect_tool
+    pre, _, records, _ = _llava_data(tmp_path)
+    records[1]["conversations"][1]["value"] = "ineffable"
+    path = write_json(tmp_path / "pre.json", records)
+    p = pipeline([InstructionSource("pretrain", path, "llava", image_root=str(tmp_path))], epochs=1,
+                 template="plain", tokenizer=_MuteTokenizer(512))
+    list(p)
+    assert p.skip_counts() == {"no_trained_tokens": 1} and p.state()["seen"] == 2
+    # python -m data_pipelines.inspect reports it
+    monkeypatch.setattr("data_pipelines.tokenizers.load_tokenizer", lambda spec: _MuteTokenizer(512))
+    assert inspect_tool.main(["--instructions", path, "--format", "llava", "--image-root", str(tmp_path),
+                              "--template", "plain", "--tokenizer", "toy:512", "--tokens-per-image", str(TPI),
+                              "--image-size", str(SIZE), "-n", "2", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "template plain" in out and "'no_trained_tokens': 1" in out
+
+
+def test_an_unknown_template_or_a_system_prompt_with_its_markers_is_refused(data):
+    with pytest.raises(DataError, match="unknown conversation template 'vicuna'"):
+        pipeline(data["sources"], template="vicuna")
+    with pytest.raises(DataError, match="role marker"):
+        pipeline(data["sources"], template="vicuna_v1", system_prompt="be nice</s>")

@@ -172,11 +172,17 @@ def test_lora_starts_as_identity_and_merges_exactly():
 
 def test_lora_targets_and_dropout():
     model = build_model(TINY)
-    with pytest.raises(ValueError, match="match no Linear"):
+    with pytest.raises(ValueError, match="match no Linear") as error:
         apply_lora(model, targets=["no_such_layer"], rank=2, alpha=4.0, dropout=0.0, rngs=nnx.Rngs(0))
+    assert "layers.layers" not in str(error.value) and "abstractor.layers.0.attention" in str(error.value)
     paths = apply_lora(model, targets=[r"language_model\..*mlp\.(gate|up)_proj$"], rank=2, alpha=4.0, dropout=0.5,
                        rngs=nnx.Rngs(0))
     assert len(paths) == 2 * TINY.text.num_layers and all("mlp" in p for p in paths)
+    # targets are matched against the paths users see (the Hugging Face module paths)
+    assert "language_model.layers.0.mlp.gate_proj" in paths and not any("layers.layers" in p for p in paths)
+    one = apply_lora(build_model(TINY), targets=[r"^language_model\.layers\.1\.self_attn\.q_proj$"], rank=2,
+                     alpha=4.0, dropout=0.0, rngs=nnx.Rngs(0))
+    assert one == ["language_model.layers.1.self_attn.q_proj"]
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         var[...] = jnp.ones(var.shape) * 0.05
     batch = random_batch(TINY)

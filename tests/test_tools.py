@@ -109,7 +109,7 @@ def test_caption_shards_from_csv_round_trip(picture_dir, capsys):
     root, names = picture_dir
     table = write_caption_csv(root / "captions.csv", names, "c001.jpg\n")  # a short row: no caption at all
     rc = make_shards.main(["captions", "--images", str(root / "img"), "--captions", str(table), "--out",
-                           str(root / "out"), "--samples-per-shard", "4", "--quiet"])
+                           str(root / "out"), "--samples-per-shard", "4", "--quiet", "--max-skip-fraction", "0.5"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote 6 samples and 6 images in 2 shard(s)" in printed and "skipped 5 of 11 rows" in printed
@@ -153,10 +153,14 @@ def test_unknown_column_and_skip_limit_are_errors(picture_dir, capsys):
     assert make_shards.main([*args, "--caption-column", "alt_text"]) == 1
     err = capsys.readouterr().err
     assert "unknown caption column 'alt_text'" in err and "['file_name', 'caption', 'license']" in err
-    assert make_shards.main([*args, "--max-skip-fraction", "0.2"]) == 1  # 4 of 10 rows are bad
+    assert make_shards.main(args) == 1  # 4 of 10 rows are bad: above the default limit (0.1)
     captured = capsys.readouterr()
-    assert "4 of 10 rows were unusable" in captured.err and "missing_image" in captured.out  # summary printed
-    assert make_shards.main([*args, "--max-skip-fraction", "0.5"]) == 0
+    assert "4 of 10 rows were unusable" in captured.err and "--max-skip-fraction=0.1" in captured.err
+    assert "missing_image" in captured.out and "corrupt_image" in captured.out  # counts by reason printed
+    stats = json.loads((root / "out" / "captions_stats.json").read_text())
+    assert stats["skipped"] == EXPECTED_SKIPS
+    assert make_shards.main([*args, "--max-skip-fraction", "0.2", "--force"]) == 1
+    assert make_shards.main([*args, "--max-skip-fraction", "0.5", "--force"]) == 0
 
 
 def llava(images, question="What colour is this?", answer="It is a colour."):
@@ -177,7 +181,7 @@ def test_instruction_shards_round_trip(tmp_path, capsys):
     out = tmp_path / "out"
     rc = make_shards.main(["instructions", "--data", str(tmp_path / "llava.json"), "--format", "llava",
                            "--image-root", str(tmp_path / "img"), "--out", str(out), "--images-per-shard", "2",
-                           "--quiet"])
+                           "--quiet", "--max-skip-fraction", "0.5"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote 4 records and 5 images in 3 shard(s)" in printed and "skipped 3 of 7 records" in printed
@@ -311,3 +315,133 @@ def test_inspect_from_config(instruction_file, tmp_path):
     text = run_inspect("--config", str(tmp_path / "cfg.yaml"), "data.packing=true", "-n", "1")
     assert "=== batch 0 row 0 segment 1" in text and "· vis[" in text
     assert any(mark == "TRAIN" for mark, _ in spans(text)) and f"· {TPI} slots" in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# make_shards: the output folder, the skip limit, max pixels
+# ----------------------------------------------------------------------------------------------------
+
+def good_table(root, names):
+    table = root / "good.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, ["file_name", "caption"])
+        w.writeheader()
+        w.writerows({"file_name": n, "caption": f"picture number {i}"} for i, n in enumerate(names))
+    return table
+
+
+def one_error_line(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert all(n in err for n in needles), err
+    return err
+
+
+def test_a_non_empty_out_is_refused_and_force_replaces_only_its_set(picture_dir, capsys):
+    root, names = picture_dir
+    out = root / "out"
+    args = ["captions", "--images", str(root / "img"), "--captions", str(good_table(root, names)), "--out", str(out),
+            "--samples-per-shard", "2", "--quiet"]
+    assert make_shards.main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar", "captions_stats.json"]
+    (out / "00007.tar").write_bytes(b"an old, longer set")  # a brace pattern {00000..00007} would reach it
+    (out / "notes.txt").write_text("mine")
+    (out / "other-00000.tar").write_bytes(b"another set (another prefix)")
+    capsys.readouterr()
+    assert make_shards.main([*args, "--samples-per-shard", "3"]) == 2
+    one_error_line(capsys, "is not empty", "--force")
+    assert (out / "00002.tar").exists() and (out / "00007.tar").exists()  # nothing touched
+    assert make_shards.main([*args, "--samples-per-shard", "3", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "captions_stats.json", "notes.txt",
+                                                     "other-00000.tar"]
+    samples, skipped = read_back(str(out / "0000{0,1}.tar"))
+    assert len(samples) == 6 and skipped == {}
+
+
+def test_output_path_mistakes_are_one_line_before_any_work(picture_dir, capsys, monkeypatch):
+    root, names = picture_dir
+    table = good_table(root, names)
+
+    def no_work(job):
+        raise AssertionError("an image was read before the output folder was checked")
+    monkeypatch.setattr(make_shards, "load_image", no_work)
+    (root / "a_file").write_text("x")
+    base = ["captions", "--images", str(root / "img"), "--captions", str(table), "--quiet", "--out"]
+    assert make_shards.main([*base, str(root / "a_file" / "shards")]) == 2
+    one_error_line(capsys, "a_file is a file, not a directory")
+    assert make_shards.main([*base, str(root / "a_file")]) == 2
+    one_error_line(capsys, "is a file, not a directory")
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    with monkeypatch.context() as m:  # as root a chmod does not stop writes: the probe is what decides
+        m.setattr("owl_jax.paths.tempfile.mkstemp", read_only)
+        assert make_shards.main([*base, str(root / "ro")]) == 2
+    one_error_line(capsys, "cannot be written", "permission denied")
+    records = root / "llava.json"
+    records.write_text(json.dumps([llava([names[0]])]))
+    assert make_shards.main(["instructions", "--data", str(records), "--format", "llava", "--out",
+                             str(root / "a_file" / "x")]) == 2
+    one_error_line(capsys, "is a file, not a directory")
+
+
+def test_the_default_skip_limit_fails_a_mostly_broken_table(picture_dir, capsys):
+    """6 of 12 rows bad used to exit 0; the default limit is 0.1, counts by reason are printed."""
+    root, names = picture_dir
+    rows = [{"file_name": n, "caption": f"picture {i}"} for i, n in enumerate(names)]
+    rows += [{"file_name": f"missing{i}.jpg", "caption": "x"} for i in range(6)]
+    table = root / "half.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, ["file_name", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    args = ["captions", "--images", str(root / "img"), "--captions", str(table), "--out", str(root / "out"), "--quiet"]
+    assert make_shards.main(args) == 1
+    captured = capsys.readouterr()
+    assert "6 of 12 rows were unusable" in captured.err and "--max-skip-fraction=0.1" in captured.err
+    assert "missing_image" in captured.out and "skipped 6 of 12 rows" in captured.out
+    assert make_shards.main([*args, "--force", "--max-skip-fraction", "0.5"]) == 0
+
+
+def test_max_pixels_option(picture_dir, monkeypatch):
+    """The pictures are 40..45 x 30 pixels; PIL's own limit is lowered to 500 pixels (it used to refuse
+    any image above it whatever --max-pixels said)."""
+    root, names = picture_dir
+    table = good_table(root, names)
+    report = make_shards.make_caption_shards(str(table), str(root / "img"), str(root / "a"), max_pixels=1300)
+    assert report.samples == 4 and dict(report.skipped) == {"decompression_bomb": 2}  # 44x30 and 45x30
+    assert "more than max_pixels=1300" in report.examples["decompression_bomb"][0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    assert make_shards.main(["captions", "--images", str(root / "img"), "--captions", str(table), "--out",
+                             str(root / "b"), "--max-pixels", "2000", "--quiet"]) == 0
+    samples, skipped = read_back(str(root / "b" / "00000.tar"))  # the pipeline's limit decides too
+    assert len(samples) == 6 and skipped == {}
+    p = CaptionPipeline(str(root / "b" / "00000.tar"), tokenizer=TOK, seq_len=24, rows=1, image_budget=1,
+                        image_size=SIZE, tokens_per_image=TPI, shuffle=False, train=False, epochs=1,
+                        max_pixels=1300, max_skip_fraction=1.0)
+    assert len(list(p)) == 4 and p.skip_counts() == {"decompression_bomb": 2}
+
+
+def test_data_max_pixels_reaches_the_pipelines(instruction_file, tmp_path, capsys):
+    from pathlib import Path
+    base = Path(__file__).resolve().parent.parent / "configs" / "tiny_test.yaml"
+    source = {"name": "vis", "path": str(instruction_file / "llava.json"), "format": "llava",
+              "image_root": str(instruction_file / "img")}
+    (tmp_path / "cfg.yaml").write_text(json.dumps({
+        "base": str(base), "data": {"kind": "instructions", "tokenizer": "toy:512", "seq_len": 128,
+                                    "sources": [source]}}))
+    out = io.StringIO()
+    assert inspect_tool.main(["--config", str(tmp_path / "cfg.yaml"), "data.max_pixels=100", "-n", "1"], out=out) == 1
+    assert "decompression_bomb" in capsys.readouterr().err  # the 40x30 pictures are over 100 pixels
+
+
+def test_inspect_shows_n_samples_with_a_partial_last_batch(tmp_path):
+    from data_pipelines.writer import write_caption_shards
+    pictures = ((f"{i:03d}", Image.new("RGB", (20, 20), colour(i)), f"picture {i}") for i in range(6))
+    write_caption_shards(pictures, str(tmp_path / "s-%d.tar"), 10)
+    args = ["--shards", str(tmp_path / "s-0.tar"), "--rows", "4", *DIRECT]
+    text = run_inspect(*args, "-n", "6")
+    assert text.count("=== batch") == 6 and "=== batch 1 row 1 segment 1" in text
+    assert "(6 sample(s); skipped so far: none)" in text
+    text = run_inspect(*args, "-n", "9")
+    assert text.count("=== batch") == 6 and "(6 sample(s); the data has only 6;" in text

@@ -85,7 +85,7 @@ def clip_vision_config(vision: VisionConfig, *, dtype: str) -> dict:
         "num_channels": vision.num_channels,
         "image_size": vision.image_size,
         "patch_size": vision.patch_size,
-        "hidden_act": "quick_gelu",
+        "hidden_act": vision.hidden_act,
         "layer_norm_eps": vision.layer_norm_eps,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
@@ -95,11 +95,18 @@ def clip_vision_config(vision: VisionConfig, *, dtype: str) -> dict:
 
 
 def clip_image_processor_config(vision: VisionConfig) -> dict:
-    size = {"height": vision.image_size, "width": vision.image_size}
+    """`preprocessor_config.json` in the form every transformers version reads: `size` as
+    `{"shortest_edge": S}` and `crop_size` as `{"height", "width"}`. transformers 4.28-4.31 (which the
+    official mPLUG-Owl code needs) refuse a `{"height", "width"}` size ("must contain the key
+    `shortest_edge`"), and the official `MplugOwlProcessor` reads `size["shortest_edge"]` to squash every
+    image to S x S before the CLIP processor runs — exactly owl-jax's own preprocessing (bicubic resize to a
+    square, no aspect kept). A plain `CLIPImageProcessor` then resizes and centre-crops an S x S image to
+    itself; on a non-square image it would crop, so resize to S x S first, as the official processor does."""
+    s = vision.image_size
     return {
         "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True, "size": size, "resample": 3,  # PIL bicubic
-        "do_center_crop": False, "crop_size": size,
+        "do_resize": True, "size": {"shortest_edge": s}, "resample": 3,  # PIL bicubic
+        "do_center_crop": True, "crop_size": {"height": s, "width": s},
         "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True, "image_mean": CLIP_IMAGE_MEAN, "image_std": CLIP_IMAGE_STD,
         "do_convert_rgb": True,

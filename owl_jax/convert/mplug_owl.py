@@ -230,7 +230,8 @@ def vision_config_from_hf(c: dict) -> VisionConfig:
     return VisionConfig(hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
                         num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
                         image_size=c["image_size"], patch_size=c["patch_size"],
-                        num_channels=c.get("num_channels", 3), layer_norm_eps=c.get("layer_norm_eps", 1e-6))
+                        num_channels=c.get("num_channels", 3), layer_norm_eps=c.get("layer_norm_eps", 1e-6),
+                        hidden_act=c.get("hidden_act", "quick_gelu"))
 
 
 def model_config_from_official(c: dict, base: ModelConfig | None = None) -> ModelConfig:

@@ -177,22 +177,34 @@ class LayerStack(nnx.Module):
             return fn
         return nnx.remat(fn, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan)
 
-    def __call__(self, x: jax.Array, *broadcast) -> jax.Array:
+    def __call__(self, x: jax.Array, *broadcast, start: int = 0, stop: int | None = None) -> jax.Array:
+        """Run layers `start .. stop - 1` (all by default; a LLaVA tower stops before its last layer)."""
+        stop = self.num_layers if stop is None else stop
+        if not 0 <= start <= stop <= self.num_layers:
+            raise ValueError(f"layers {start}..{stop} of a {self.num_layers}-layer stack")
+        if start == stop:
+            return x
+
         def body(layer, h):
             return layer(h, *broadcast)
 
         body = self._wrap(body)
         if not self.scan:
-            for layer in self.layers:
+            for layer in list(self.layers)[start:stop]:
                 x = body(layer, x)
             return x
+
+        layers = self.layers
+        if (start, stop) != (0, self.num_layers):  # a view of the slice of every stacked leaf
+            graphdef, state = nnx.split(layers)
+            layers = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
 
         @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def run(layer, h):
             return body(layer, h)
 
-        return run(self.layers, x)
+        return run(layers, x)
 
     def collect(self, x: jax.Array, *broadcast) -> tuple[jax.Array, list[jax.Array]]:
         """Like __call__ but also returns every layer's output (for parity checks and debugging)."""
@@ -218,6 +230,22 @@ def path_str(path: Sequence) -> str:
     return ".".join(str(p) for p in path)
 
 
+_STACK_SEGMENT = re.compile(r"(^|\.)layers\.layers(?=\.|$)")
+
+
+def user_path(name: str) -> str:
+    """A module path as users write it (in `model.lora.targets`, in messages): the `LayerStack` that holds
+    the layers in its own `layers` attribute is not a level users see, so
+    `language_model.layers.layers.0.self_attn.q_proj` reads `language_model.layers.0.self_attn.q_proj`
+    (the Hugging Face module path). Scanned stacks have no per-layer index:
+    `language_model.layers.self_attn.q_proj` stands for that projection of every layer."""
+    return _STACK_SEGMENT.sub(r"\1layers", name)
+
+
+class LoRATargetError(ValueError):
+    """`model.lora.targets` match no Linear layer (a config mistake: shown as one line by the CLIs)."""
+
+
 def apply_lora(model: nnx.Module, *, targets: Sequence[str], rank: int, alpha: float, dropout: float,
                rngs: nnx.Rngs) -> list[str]:
     """Attach LoRA adapters to every `Dense` whose dotted path matches one of the `targets` regexes
@@ -227,7 +255,10 @@ def apply_lora(model: nnx.Module, *, targets: Sequence[str], rank: int, alpha: f
     with nnx.use_eager_sharding(False):  # logical axis names are metadata; see module docstring
         adapted = _attach_lora(model, patterns, rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
     if not adapted:
-        raise ValueError(f"LoRA targets {list(targets)} match no Linear layer of the model")
+        linear = [user_path(path_str(p)) for p, m in nnx.iter_graph(model) if isinstance(m, Dense)]
+        examples = ", ".join(linear[:3] + (["..."] if len(linear) > 3 else []))
+        raise LoRATargetError(f"model.lora.targets {list(targets)} match no Linear layer of the model "
+                              f"(patterns are searched in paths like {examples})")
     return adapted
 
 
@@ -236,7 +267,7 @@ def _attach_lora(model, patterns, *, rank, alpha, dropout, rngs) -> list[str]:
     for path, module in list(nnx.iter_graph(model)):
         if not isinstance(module, Dense):
             continue
-        name = path_str(path)
+        name = user_path(path_str(path))
         if not any(p.search(name) for p in patterns):
             continue
         param_dtype = module.kernel[...].dtype

@@ -22,8 +22,12 @@ from owl_jax.models.layers import Dense, LayerStack, RMSNorm, attention, dtype_o
 def rope_inv_freq(cfg: TextConfig) -> np.ndarray:
     """Inverse frequencies of the rotary embedding, with llama3/linear scaling as HF computes them."""
     dim = cfg.dim_per_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
-    inv_freq = inv_freq.astype(np.float32)
+    # HF (torch) computes theta ** (arange / dim) in float32. numpy's float32 `**` is not correctly rounded
+    # and its result changes with the numpy build (2.4's SIMD power is 2 ulp off torch's on the golden
+    # model): the power is taken in float64 and rounded to float32 once, then inverted in float32, which
+    # matches torch's float32 values bit for bit at the golden sizes whatever numpy does.
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = np.float32(1.0) / (cfg.rope_theta ** exponents.astype(np.float64)).astype(np.float32)
     scaling = cfg.rope_scaling
     if scaling.type == "linear":
         return (inv_freq / scaling.factor).astype(np.float32)

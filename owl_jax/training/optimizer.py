@@ -1,23 +1,37 @@
-"""AdamW with warmup + decay schedules, a weight-decay mask, per-module learning-rate multipliers and
-global-norm clipping (optax)."""
+"""AdamW with warmup + decay schedules, a weight-decay mask, per-group learning rates and global-norm
+clipping (optax).
+
+Learning-rate groups (`optimizer.param_groups`: name, path patterns, peak learning rate) become separate
+AdamW transforms under `optax.multi_transform`, labelled by the group's name (the optimizer state holds
+`inner_states[<name>]` with moments for that group's leaves only; `default` is every trainable leaf no
+group claims). All groups share the schedule's shape (warmup, decay, end ratio), scaled to their peak, as
+LLaVA-LoRA's `--mm_projector_lr` does. The older `optimizer.lr_multipliers` (regex -> factor of
+`learning_rate`) maps onto the same machinery with groups `lr_x0, lr_x1, ...`, so its state layout and
+checkpoints are unchanged. Patterns are searched in user-facing paths (`models.layers.user_path`), the
+first matching group wins.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from typing import Sequence
 
 import jax
 import optax
 
-from owl_jax.config import OptimizerConfig
-from owl_jax.models.layers import path_str
+from owl_jax.config import ConfigError, OptimizerConfig
+from owl_jax.models.layers import path_str, user_path
 
 # Leaves that get weight decay: matrices. Norm scales, biases, the learned queries, class/position
 # embeddings and `vit_eos` are not decayed (decaying them only pulls them toward zero).
 _DECAYED_LEAVES = ("kernel", "patch_embed", "embed_tokens", "lora_a", "lora_b")
+DEFAULT_GROUP = "default"
 
 
-def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    peak = cfg.learning_rate
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, peak: float | None = None) -> optax.Schedule:
+    """Warmup then decay to `end_learning_rate_ratio` of `peak` (default `cfg.learning_rate`)."""
+    peak = cfg.learning_rate if peak is None else peak
     warmup = max(cfg.warmup_steps, 0)
     decay_steps = max((cfg.decay_steps or total_steps) - warmup, 1)
     end = peak * cfg.end_learning_rate_ratio
@@ -32,6 +46,40 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    name: str
+    patterns: tuple[str, ...]
+    peak: float
+
+
+def parameter_groups(cfg: OptimizerConfig) -> list[Group]:
+    """The configured learning-rate groups in matching order (without `default`)."""
+    if cfg.param_groups:
+        return [Group(g.name, tuple(g.patterns), g.learning_rate) for g in cfg.param_groups]
+    return [Group(f"lr_x{i}", (pattern,), cfg.learning_rate * float(m))
+            for i, (pattern, m) in enumerate(cfg.lr_multipliers.items())]
+
+
+def group_of(name: str, groups: Sequence[Group]) -> str:
+    """The group a user-facing parameter path belongs to (first match; `default` if none)."""
+    for g in groups:
+        if any(re.search(p, name) for p in g.patterns):
+            return g.name
+    return DEFAULT_GROUP
+
+
+class LearningRates:
+    """The base schedule (called as one: `schedule(step)`, what the progress line shows) and each group's
+    (`groups[name](step)`), for logging `learning_rate/<name>` from the step."""
+
+    def __init__(self, base: optax.Schedule, groups: dict[str, optax.Schedule]):
+        self.base, self.groups = base, groups
+
+    def __call__(self, step):
+        return self.base(step)
 
 
 def _names(keypath) -> tuple:
@@ -50,33 +98,40 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda kp, _: str(_names(kp)[-1]) in _DECAYED_LEAVES, params)
 
 
-def _group_labels(params, multipliers: dict[str, float]):
-    patterns = [(re.compile(k), f"lr_x{i}") for i, k in enumerate(multipliers)]
-
-    def label(keypath, _) -> str:
-        name = path_str(_names(keypath))
-        return next((g for p, g in patterns if p.search(name)), "default")
-
-    return jax.tree_util.tree_map_with_path(label, params)
+def _group_labels(params, groups: Sequence[Group]):
+    return jax.tree_util.tree_map_with_path(lambda kp, _: group_of(user_path(path_str(_names(kp))), groups), params)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer for the trainable leaves and its base schedule (for logging the learning rate).
+def check_param_groups(cfg: OptimizerConfig, trainable: Sequence[str]) -> dict[str, int]:
+    """Leaves per group over the trainable leaves' user paths; a `param_groups` group that takes none is a
+    config error (a typo, or a group of frozen parameters). The older `lr_multipliers` are not checked, as
+    they never were."""
+    groups = parameter_groups(cfg)
+    counts = {g.name: 0 for g in groups}
+    counts[DEFAULT_GROUP] = 0
+    for name in trainable:
+        counts[group_of(name, groups)] += 1
+    for i, g in enumerate(cfg.param_groups):
+        if not counts[g.name]:
+            raise ConfigError(f"optimizer.param_groups[{i}] ({g.name}): patterns {', '.join(g.patterns)} match no "
+                              f"trainable parameter (groups take trainable leaves only; see training.trainable)")
+    return counts
 
-    Per-module multipliers (`optimizer.lr_multipliers`: path regex -> factor; first match wins) become
-    separate AdamW groups sharing the schedule shape.
-    """
-    schedule = learning_rate_schedule(cfg, total_steps)
 
-    def adamw(scale: float) -> optax.GradientTransformation:
-        lr = schedule if scale == 1.0 else (lambda step: schedule(step) * scale)
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, LearningRates]:
+    """The optimizer for the trainable leaves and its schedules (for logging the learning rates)."""
+    base = learning_rate_schedule(cfg, total_steps)
+    groups = parameter_groups(cfg)
+    schedules = {g.name: learning_rate_schedule(cfg, total_steps, peak=g.peak) for g in groups}
+
+    def adamw(lr: optax.Schedule) -> optax.GradientTransformation:
         return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
 
-    if cfg.lr_multipliers:
-        groups = {f"lr_x{i}": adamw(float(m)) for i, m in enumerate(cfg.lr_multipliers.values())}
-        groups["default"] = adamw(1.0)
-        inner = optax.multi_transform(groups, lambda params: _group_labels(params, cfg.lr_multipliers))
+    if groups:
+        transforms = {name: adamw(s) for name, s in schedules.items()}
+        transforms[DEFAULT_GROUP] = adamw(base)
+        inner = optax.multi_transform(transforms, lambda params: _group_labels(params, groups))
     else:
-        inner = adamw(1.0)
+        inner = adamw(base)
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-    return optax.chain(*chain, inner), schedule
+    return optax.chain(*chain, inner), LearningRates(base, schedules)

@@ -1,7 +1,7 @@
 """The sharded train state and the jitted train step (pjit: `jax.jit` with NamedShardings, donated state).
 
-- Trainable leaves (chosen by the stage) get gradients and optimizer state; frozen leaves get neither,
-  so XLA drops their weight-gradient matmuls. Frozen leaves may be stored in a lower precision
+- Trainable leaves (`training.trainable` or the stage's preset: `training.stages`) get gradients and
+  optimizer state; frozen leaves get neither, so XLA drops their weight-gradient matmuls. Frozen leaves may be stored in a lower precision
   (`model.frozen_param_dtype`), trainable ones stay float32 master copies.
 - Gradient accumulation: the global batch is split into `k` strided micro-batches
   (`models.splice.plan_micro_batched_slots`) run under `lax.scan`; NLL sums and token counts are
@@ -27,8 +27,8 @@ from owl_jax.config import Config
 from owl_jax.models.layers import dtype_of
 from owl_jax.models.owl import MplugOwl, build_model
 from owl_jax.sharding import batch_shardings, state_shardings
-from owl_jax.training.optimizer import make_optimizer
-from owl_jax.training.stages import check_stage, trainable_filter
+from owl_jax.training.optimizer import check_param_groups, make_optimizer
+from owl_jax.training.stages import TrainableSet, check_stage, resolve_trainable, trainable_filter
 
 # Models whose parameters fit comfortably on one host are built eagerly and then placed on the mesh;
 # bigger ones are initialised by a jitted function that writes every shard in place.
@@ -51,7 +51,8 @@ class Trainer:
     mesh: Mesh
     step_fn: Callable
     schedule: optax.Schedule
-    trainable: list[str]
+    trainable: list[str]  # internal (nnx state) paths of the trainable leaves
+    trainable_set: TrainableSet | None = None  # the same leaves by user-facing path, with their source
 
     def put_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Host arrays (the full global batch, single-process) -> globally sharded arrays."""
@@ -91,7 +92,7 @@ def _cast_frozen(model: MplugOwl, keep: Callable, dtype) -> None:
 
 
 def _init_fn(cfg: Config, tx: optax.GradientTransformation, seed: int) -> Callable[[], TrainState]:
-    keep = trainable_filter(cfg.training.stage)
+    keep = trainable_filter(cfg.training, cfg.model)
 
     def init() -> TrainState:
         model = build_model(cfg.model, seed=seed)
@@ -112,7 +113,7 @@ def abstract_train_state(cfg: Config, mesh: Mesh, *, total_steps: int | None = N
     tx, schedule = make_optimizer(cfg.optimizer, total_steps or cfg.training.steps)
     init = _init_fn(cfg, tx, seed)
     abstract = nnx.eval_shape(init)
-    check_stage(abstract.model, cfg.training.stage)
+    check_param_groups(cfg.optimizer, resolve_trainable(abstract.model, cfg.training, cfg.model).names)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, cfg.mesh.logical_axis_rules)
     return graphdef, abstract_state, shardings, schedule, init
@@ -131,8 +132,9 @@ def _split_micro_batches(batch: Mapping[str, jax.Array], k: int) -> dict[str, ja
 
 def make_step_function(graphdef, cfg: Config, schedule: optax.Schedule) -> Callable:
     """The pure train step `(state, batch) -> (state, metrics)` (not yet jitted)."""
-    keep = trainable_filter(cfg.training.stage)
+    keep = trainable_filter(cfg.training, cfg.model)
     k = cfg.training.grad_accum_steps
+    group_schedules = getattr(schedule, "groups", {})
 
     def step(state, batch):
         ts = nnx.merge(graphdef, state)
@@ -170,6 +172,7 @@ def make_step_function(graphdef, cfg: Config, schedule: optax.Schedule) -> Calla
         # Snapshots (tree.map makes new Variable objects; nnx.state alone would alias the live ones).
         old_params, old_opt = jax.tree.map(lambda x: x, (nnx.state(model, keep), nnx.state(optimizer)))
         lr = schedule(optimizer.step[...])
+        group_lrs = {f"learning_rate/{name}": s(optimizer.step[...]) for name, s in group_schedules.items()}
         optimizer.update(model, grads)
         new_params = nnx.state(model, keep)
         update_norm = optax.tree.norm(jax.tree.map(lambda n, o: n.astype(jnp.float32) - o, new_params, old_params))
@@ -180,6 +183,7 @@ def make_step_function(graphdef, cfg: Config, schedule: optax.Schedule) -> Calla
         metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "learning_rate": lr,
                    "update_ratio": update_norm / jnp.maximum(param_norm, 1e-12),
                    "skipped": (~finite).astype(jnp.int32)}
+        metrics.update(group_lrs)  # each learning-rate group's rate this step (optimizer.param_groups)
         return nnx.state(ts), metrics
 
     return step
@@ -201,7 +205,7 @@ def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
              "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_),
              "positions": jax.ShapeDtypeStruct((b, t), jnp.int32),
              "segment_ids": jax.ShapeDtypeStruct((b, t), jnp.int32)}
-    if uses_images(cfg.training.stage):
+    if uses_images(cfg.training):
         size = cfg.model.vision.image_size
         batch["pixel_values"] = jax.ShapeDtypeStruct((cfg.data.images_per_batch, size, size, 3), jnp.float32)
         batch["image_index"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
@@ -231,8 +235,10 @@ def create_trainer(cfg: Config, mesh: Mesh, *, seed: int | None = None, total_st
     else:
         with jax.set_mesh(mesh):
             state = jax.jit(lambda: nnx.state(init()), out_shardings=shardings)()
-    trainable = check_stage(nnx.merge(graphdef, state).model, cfg.training.stage)
+    model = nnx.merge(graphdef, state).model
+    trainable = check_stage(model, cfg.training, cfg.model)
+    trainable_set = resolve_trainable(model, cfg.training, cfg.model)
     in_batch = batch_shardings(batch_example, mesh) if batch_example is not None else None
     step_fn = jit_step(graphdef, cfg, schedule, shardings, in_batch)
     return Trainer(graphdef=graphdef, state=state, state_sharding=shardings, mesh=mesh, step_fn=step_fn,
-                   schedule=schedule, trainable=trainable)
+                   schedule=schedule, trainable=trainable, trainable_set=trainable_set)
