@@ -25,7 +25,7 @@ fi
 mkdir -p runs/demo && echo "$recipe" > runs/demo/.recipe
 for stage in lm stage1 stage2; do
   echo "=== training: configs/demo_$stage.yaml"
-  python -m owl_jax.train --config "configs/demo_$stage.yaml" logging.progress=true | grep -E "^(step|done|resumed|parameters|mesh)"
+  python -m owl_jax.train --config "configs/demo_$stage.yaml" logging.progress=true | grep -E "^(step|done|resumed|parameters|mesh|already complete|interrupted|preempted)"
 done
 echo "=== held-out pictures (never seen in training)"
 echo "-- stage 1: pick each picture's caption among 5"
