@@ -75,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = ServerOptions(max_batch=args.max_batch, max_queue=args.max_queue, steps_per_call=args.stream_chunk,
                             batch_window=args.batch_window_ms / 1000, max_body_bytes=int(args.max_body_mb * 2 ** 20),
                             max_image_pixels=args.max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS,
-                            system_prompt=args.system_prompt, warmup=not args.no_warmup)
+                            system_prompt=args.system_prompt, warmup=not args.no_warmup,
+                            stop_from_template=args.stop is None)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("owl_jax").addHandler(handler)  # the server's own messages, not every library's

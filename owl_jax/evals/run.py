@@ -145,7 +145,7 @@ def generate_answers(cfg, model, tokenizer, questions: Sequence[Question], promp
             built.append((i, dataclasses.replace(prompt, seed=zlib.crc32(keys[i].encode()))))
         if built:
             for (i, _), gen in zip(built, generator.generate([p for _, p in built], settings)):
-                on_answer(i, clean_answer(gen.text), {})
+                on_answer(i, clean_answer(gen.text, cfg.data.template), {})
         if progress is not None:
             progress.update(len(group))
     return skipped
@@ -206,6 +206,9 @@ def run_benchmark(args, load_model: Callable, settings) -> int:
                 print(f"resuming: {len(earlier)} of {len(questions)} answers already in {args.out}{partial}",
                       file=sys.stderr)
             cfg, model, tokenizer = load_model()
+            if getattr(args, "stop", None) is None:  # the model's conversation template decides where to stop
+                from owl_jax.chat import stop_strings
+                settings = dataclasses.replace(settings, stop_strings=stop_strings(cfg))
             progress = Progress(bench.name, len(questions), len(earlier))
 
             def write(j: int, text: str, metadata: dict) -> None:

@@ -34,6 +34,9 @@ class ServerOptions:
     max_images: int = 8
     system_prompt: str | None = None  # None: the checkpoint's (`owl_jax.chat.system_prompt`)
     warmup: bool = True
+    # The defaults' stop strings are the checkpoint's conversation template's (no --stop given): a LLaVA
+    # model stops at its own role markers, an mPLUG-Owl one at "Human:" / "AI:".
+    stop_from_template: bool = True
 
 
 class Server:
@@ -71,9 +74,11 @@ class Server:
 
     def attach(self, loaded, generator=None) -> "Server":
         """Serve an already loaded model (`owl_jax.loading.Loaded`); `generator` to share one."""
-        from owl_jax.chat import system_prompt
+        from owl_jax.chat import stop_strings, system_prompt
         from owl_jax.generate import generator_for
         self.loaded = loaded
+        if self.options.stop_from_template:
+            self.defaults = dataclasses.replace(self.defaults, stop=stop_strings(loaded.config))
         self.generator = generator or generator_for(loaded)
         self.system_prompt = system_prompt(loaded.config, self.options.system_prompt)
         o = self.options

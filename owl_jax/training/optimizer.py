@@ -1,14 +1,15 @@
 """AdamW with warmup + decay schedules, a weight-decay mask, per-group learning rates and global-norm
 clipping (optax).
 
-Learning-rate groups (`optimizer.param_groups`: name, path patterns, peak learning rate) become separate
-AdamW transforms under `optax.multi_transform`, labelled by the group's name (the optimizer state holds
-`inner_states[<name>]` with moments for that group's leaves only; `default` is every trainable leaf no
-group claims). All groups share the schedule's shape (warmup, decay, end ratio), scaled to their peak, as
-LLaVA-LoRA's `--mm_projector_lr` does. The older `optimizer.lr_multipliers` (regex -> factor of
-`learning_rate`) maps onto the same machinery with groups `lr_x0, lr_x1, ...`, so its state layout and
-checkpoints are unchanged. Patterns are searched in user-facing paths (`models.layers.user_path`), the
-first matching group wins.
+Learning-rate groups (`optimizer.param_groups`: name, path patterns, peak learning rate) share one AdamW:
+Adam's moments and the decoupled weight decay are computed for every trainable leaf alike, and the last
+step, `-learning_rate * update`, takes each leaf's rate from its group's schedule (the first group whose
+pattern matches its user-facing path, `models.layers.user_path`; `default`, `optimizer.learning_rate`, for
+the rest). That is exactly AdamW per group, as LLaVA-LoRA's `--mm_projector_lr` gives the projector its
+own torch param group, with the optimizer state of a plain AdamW (`optax.multi_transform` would fill it with
+`MaskedNode` placeholders, which checkpoints cannot hold). All groups share the schedule's shape (warmup,
+decay, end ratio), scaled to their peak; each group's rate is logged as `learning_rate/<name>`. The older
+`optimizer.lr_multipliers` (regex -> factor of `learning_rate`) become groups `lr_x0, lr_x1, ...`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from owl_jax.config import ConfigError, OptimizerConfig
@@ -118,20 +120,34 @@ def check_param_groups(cfg: OptimizerConfig, trainable: Sequence[str]) -> dict[s
     return counts
 
 
+def scale_by_group_learning_rates(schedules: dict[str, optax.Schedule], groups: Sequence[Group]):
+    """`optax.scale_by_learning_rate` with each leaf's rate from its group's schedule (`schedules` holds
+    `default` too); the same state (`ScaleByScheduleState`: the step count)."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        rates = {name: s(state.count) for name, s in schedules.items()}
+        labels = _group_labels(updates, groups)
+        updates = jax.tree.map(lambda u, g: -jnp.array(rates[g], dtype=u.dtype) * u, updates, labels)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, LearningRates]:
     """The optimizer for the trainable leaves and its schedules (for logging the learning rates)."""
     base = learning_rate_schedule(cfg, total_steps)
     groups = parameter_groups(cfg)
     schedules = {g.name: learning_rate_schedule(cfg, total_steps, peak=g.peak) for g in groups}
-
-    def adamw(lr: optax.Schedule) -> optax.GradientTransformation:
-        return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-
-    if groups:
-        transforms = {name: adamw(s) for name, s in schedules.items()}
-        transforms[DEFAULT_GROUP] = adamw(base)
-        inner = optax.multi_transform(transforms, lambda params: _group_labels(params, groups))
+    if groups:  # optax.adamw's own chain, with the per-group rates as its last step
+        inner = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                            scale_by_group_learning_rates({**schedules, DEFAULT_GROUP: base}, groups))
     else:
-        inner = adamw(base)
+        inner = optax.adamw(base, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
     return optax.chain(*chain, inner), LearningRates(base, schedules)
