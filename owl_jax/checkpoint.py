@@ -242,7 +242,9 @@ class CheckpointStore:
         self._tokenizer_files = _read_tokenizer(tokenizer_path) if tokenizer_path is not None else None
         self.read_only = config is None if read_only is None else read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep,
+            # A reader neither saves nor deletes: said here, Orbax does not warn that it had to say it.
+            max_to_keep=None if self.read_only else self.keep,
+            save_interval_steps=0 if self.read_only else 1,
             enable_async_checkpointing=async_save,
             # Leftovers of a save interrupted by a crash/preemption (never committed) are deleted on open
             # (only by a writing store: a reader must not delete the in-flight save of a running job).

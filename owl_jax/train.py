@@ -41,22 +41,17 @@ def _print(*args) -> None:
 
 
 def _init_weights(cfg: Config, trainer) -> None:
-    """Apply `init.*` (pretrained or earlier-stage weights) to a fresh run's model, then re-shard."""
-    from owl_jax.convert import mplug_owl
+    """Apply `init.*` (pretrained or earlier-stage weights) to a fresh run's model, then re-shard. The
+    checkpoint kinds and their order come from `owl_jax.convert.IMPORTERS`."""
+    from owl_jax.convert import IMPORTERS
     init = cfg.init
-    if not (init.from_checkpoint or init.owl_from or init.vision_from or init.llm_from or init.llava_from):
+    given = [(key, load, getattr(init, key)) for key, load in IMPORTERS if getattr(init, key)]
+    if not (given or init.from_checkpoint):
         return
     ts = nnx.merge(trainer.graphdef, trainer.state)
     model = ts.model
-    if init.owl_from:
-        mplug_owl.load_official(model, cfg.model, init.owl_from)
-    if init.vision_from:
-        mplug_owl.load_hf_clip_vision(model, cfg.model, init.vision_from)
-    if init.llm_from:
-        mplug_owl.load_hf_llama(model, cfg.model, init.llm_from)
-    if init.llava_from:
-        from owl_jax.convert import llava
-        llava.load_llava_checked(model, cfg.model, init.llava_from, log=_print)
+    for _, load, path in given:
+        load(model, cfg.model, path, _print)
     if init.from_checkpoint:
         from owl_jax.checkpoint import load_model_params
         from owl_jax.convert.state import assign_canonical_params

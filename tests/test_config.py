@@ -378,3 +378,13 @@ def test_config_cli_lists_the_choices():
     proc = run_cli("--config", "configs/tiny_test.yaml", "--choices")
     assert proc.returncode == 0
     assert "#   data.kind: captions | instructions | text" in proc.stdout
+
+
+def test_every_init_key_has_an_importer():
+    """A declared `init.*` key that nothing applies would be silently ignored: each one is in the table the
+    trainer applies (`owl_jax.convert.IMPORTERS`), besides `from_checkpoint` (an owl-jax run)."""
+    import dataclasses
+    from owl_jax.config import InitConfig
+    from owl_jax.convert import IMPORTERS
+    declared = {f.name for f in dataclasses.fields(InitConfig)} - {"from_checkpoint"}
+    assert declared == {key for key, _ in IMPORTERS}

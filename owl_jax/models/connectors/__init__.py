@@ -104,7 +104,7 @@ def tokens_per_image(cfg) -> int:
 
 
 def connector_attribute(cfg) -> str:
-    """The connector's attribute in the composite (`abstractor` or `projector`): its parameter paths."""
+    """The connector's attribute in the composite (`abstractor`, `projector` or `qformer`): its parameter paths."""
     return connector_module(cfg.connector).ATTRIBUTE
 
 
