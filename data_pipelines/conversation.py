@@ -278,15 +278,45 @@ def from_baize(record: Mapping, system: str = SYSTEM_PROMPT, *, markers: Sequenc
     return make_conversation(turns, system=system, markers=markers)
 
 
+#: MiniGPT-4's stage-2 instructions (Vision-CAIR/MiniGPT-4 `prompts/alignment.txt`, each after its
+#: `<Img><ImageHere></Img> `): one is drawn per sample, as its `forward` draws `random.choice(prompt_list)`.
+ALIGN_PROMPTS = ("Describe this image in detail.", "Take a look at this image and describe what you notice.",
+                 "Please provide a detailed description of the picture.",
+                 "Could you describe the contents of this image for me?")
+
+
+def from_cc_sbu_align(record: Mapping, system: str = SYSTEM_PROMPT, *, markers: Sequence[str] = MPLUG_MARKERS,
+                      variant: int = 0) -> Conversation:
+    """MiniGPT-4's `cc_sbu_align` (`filter_cap.json` = {"annotations": [{"image_id", "caption"}, ...]}, images
+    `image/<image_id>.jpg` beside it; `load_records` takes the list): the image, instruction
+    `ALIGN_PROMPTS[variant % 4]` (the pipeline draws `variant` from its seed and the sample's index), and
+    the caption as the answer — the sample of MiniGPT-4's `CCSBUAlignDataset` + `prompt_wrap`."""
+    _require(record, "image_id", "caption")
+    image_id, caption = record["image_id"], record["caption"]
+    if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or not str(image_id):
+        raise BadRecord("'image_id' must be a non-empty string or an integer")
+    if not isinstance(caption, str):
+        raise BadRecord("'caption' must be a string")
+    turns = [(HUMAN, IMAGE_TAG), (HUMAN, ALIGN_PROMPTS[variant % len(ALIGN_PROMPTS)]), (AI, caption)]
+    return make_conversation(turns, [f"image/{image_id}.jpg"], system, markers=markers)
+
+
 READERS = {"official": from_official, "mplug_owl": from_official, "alpaca": from_alpaca,
-           "sharegpt": from_sharegpt, "vicuna": from_sharegpt, "llava": from_llava, "baize": from_baize}
+           "sharegpt": from_sharegpt, "vicuna": from_sharegpt, "llava": from_llava, "baize": from_baize,
+           "cc_sbu_align": from_cc_sbu_align}
 
 
-def read_record(record: Any, source: str, *, markers: Sequence[str] = MPLUG_MARKERS) -> Conversation:
+def read_record(record: Any, source: str, *, markers: Sequence[str] = MPLUG_MARKERS,
+                variant: int = 0) -> Conversation:
     """The Conversation of one record of `source` (a key of READERS); no text may contain one of `markers`
-    (the conversation template's, `templates.Template.markers`; the official format is parsed at its own)."""
+    (the conversation template's, `templates.Template.markers`; the official format is parsed at its own).
+    `variant`: which of a format's generated instructions (cc_sbu_align: `ALIGN_PROMPTS`)."""
     try:
         reader = READERS[source]
     except KeyError:
         raise ValueError(f"unknown instruction source {source!r}; known: {sorted(READERS)}") from None
-    return reader(record) if reader is from_official else reader(record, markers=markers)
+    if reader is from_official:
+        return reader(record)
+    if reader is from_cc_sbu_align:
+        return reader(record, markers=markers, variant=variant)
+    return reader(record, markers=markers)

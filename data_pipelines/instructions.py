@@ -111,7 +111,7 @@ __all__ = ["DataError", "ImageTask", "InstructionPipeline", "InstructionSource",
 
 MAX_EPOCH_LENGTH = 50_000_000  # the per-epoch schedule is held in memory (~12 bytes per sample)
 MIN_SAMPLES_FOR_SKIP_CHECK = 200
-_SCHEDULE_SALT, _PERM_SALT, _AUGMENT_SALT = 0x5C4ED, 0x9E4A, 0x1A6E5
+_SCHEDULE_SALT, _PERM_SALT, _AUGMENT_SALT, _VARIANT_SALT = 0x5C4ED, 0x9E4A, 0x1A6E5, 0x7A81A
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,13 +150,18 @@ def load_records(source: InstructionSource) -> tuple[list[Any], Optional[list[in
     except OSError as e:
         raise DataError(f"instruction source {source.name!r}: cannot read {source.path}: {e}") from None
     lower = source.path.lower()
-    is_jsonl = lower.endswith((".jsonl", ".ndjson")) or (not lower.endswith(".json")
-                                                         and not data.lstrip().startswith(b"["))
+    is_jsonl = source.format != "cc_sbu_align" and (
+        lower.endswith((".jsonl", ".ndjson")) or (not lower.endswith(".json") and not data.lstrip().startswith(b"[")))
     if not is_jsonl:
         try:
             records = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise DataError(f"instruction source {source.name!r}: {source.path} is not valid json: {e}") from None
+        if source.format == "cc_sbu_align":  # MiniGPT-4's filter_cap.json: {"annotations": [...]}
+            records = records.get("annotations") if isinstance(records, dict) else None
+            if not isinstance(records, list):
+                raise DataError(f"instruction source {source.name!r}: {source.path} is not a cc_sbu_align file "
+                                f"(a json object with an 'annotations' list)")
         if not isinstance(records, list):
             raise DataError(f"instruction source {source.name!r}: {source.path} holds a json "
                             f"{type(records).__name__}, not a list of records")
@@ -244,6 +249,7 @@ class _Prepared:
     targets: np.ndarray
     loss_mask: np.ndarray
     images: list  # pixel arrays, in sample order
+    qformer: list = dataclasses.field(default_factory=list)  # per image: its Q-Former instruction ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,7 +301,8 @@ class InstructionPipeline:
                  packing: bool = False, process_index: int = 0, num_processes: int = 1, micro_batches: int = 1,
                  max_skip_fraction: float = 0.1, max_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
                  state: dict | None = None, epochs: Optional[int] = None, hflip: bool = True,
-                 system_prompt: Optional[str] = None, template: str = "mplug_owl"):
+                 system_prompt: Optional[str] = None, template: str = "mplug_owl", qformer_tokenizer=None,
+                 qformer_text_len: int = 0):
         self.sources = list(sources)
         if not self.sources:
             raise DataError("no instruction sources")
@@ -305,6 +312,9 @@ class InstructionPipeline:
         for s in self.sources:
             if s.format not in READERS:
                 raise DataError(f"instruction source {s.name!r}: unknown format {s.format!r}; known: {sorted(READERS)}")
+        # cc_sbu_align's images (`image/<id>.jpg`) lie beside filter_cap.json unless image_root says otherwise
+        self.sources = [dataclasses.replace(s, image_root=os.path.dirname(s.path))
+                        if s.format == "cc_sbu_align" and not s.image_root else s for s in self.sources]
         weighted = [s.weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             raise DataError("give a weight for every instruction source or for none (then weights follow sizes)")
@@ -319,6 +329,10 @@ class InstructionPipeline:
         self.image_size, self.tokens_per_image, self.micro_batches = image_size, tokens_per_image, micro_batches
         self.seed, self.train, self.packing, self.epochs = seed, train, packing, epochs
         self.hflip = hflip
+        # InstructBLIP: each image's instruction, tokenised for the Q-Former (`qformer_tokens`)
+        self.qformer_tokenizer, self.qformer_text_len = qformer_tokenizer, qformer_text_len
+        if qformer_tokenizer is not None and qformer_text_len < 1:
+            raise DataError(f"qformer_text_len must be positive with a Q-Former tokenizer, got {qformer_text_len}")
         try:
             self.template = get_template(template)
         except ValueError as e:
@@ -422,14 +436,28 @@ class InstructionPipeline:
         lines = self._lines[source]
         return f"{self.sources[source].name}[{record}]" + (f" (line {lines[record]})" if lines else "")
 
-    def _text(self, source: int, record: int):
-        """TrainingSample of a record, or BadSample (reader, tokeniser and image-count checks)."""
+    def _variant(self, index: Optional[int]) -> int:
+        """Which generated instruction sample `index` gets (cc_sbu_align's random align prompt): a pure
+        function of the seed and the index, so a resumed or re-run pipeline draws the same."""
+        if index is None:
+            return 0
+        return int(np.random.default_rng([self.seed, _VARIANT_SALT, index]).integers(1 << 30))
+
+    def _conversation(self, source: int, record: int, index: Optional[int] = None):
+        """The record's Conversation in the pipeline's template (BadRecord when it has none)."""
         src, rec = self.sources[source], self._records[source][record]
+        template = self.template
+        return template.with_system(read_record(rec, src.format, markers=template.markers,
+                                                variant=self._variant(index)), self.system_prompt)
+
+    def _text(self, source: int, record: int, index: Optional[int] = None):
+        """TrainingSample of a record, or BadSample (reader, tokeniser and image-count checks)."""
+        rec = self._records[source][record]
         if isinstance(rec, _Malformed):
             raise image_ops.BadSample("malformed_json", rec.detail)
         template = self.template
         try:
-            conv = template.with_system(read_record(rec, src.format, markers=template.markers), self.system_prompt)
+            conv = self._conversation(source, record, index)
             sample = to_training_sample(conv, self.tokenizer, self.seq_len, self.tokens_per_image, template=template)
         except BadRecord as e:
             raise image_ops.BadSample(reason_key(e.reason), e.reason) from None
@@ -457,11 +485,15 @@ class InstructionPipeline:
 
     def _prepare(self, index: int) -> _Prepared:
         source, record = self.locate(index)
-        sample = self._text(source, record)
+        sample = self._text(source, record, index)
         task = ImageTask(index, tuple(self.sources[source].resolve(p) for p in sample.images), self.image_size,
                          self.train, self.seed, self.max_pixels, self.hflip)
         pixels = decode_images(task)
-        return _Prepared(index, source, record, sample.tokens, sample.targets, sample.loss_mask, pixels)
+        qformer = []
+        if self.qformer_tokenizer is not None:
+            texts = self.template.image_instructions(self._conversation(source, record, index))[:len(pixels)]
+            qformer = [np.asarray(self.qformer_tokenizer.encode(t)[:self.qformer_text_len], np.int32) for t in texts]
+        return _Prepared(index, source, record, sample.tokens, sample.targets, sample.loss_mask, pixels, qformer)
 
     def first_draw(self, index: int) -> bool:
         """Whether global sample `index` is its record's first draw in the run (epoch 0, cycle 0 of its
@@ -599,9 +631,16 @@ class InstructionPipeline:
         self.last_batch = [SampleInfo(p.index, self.sources[p.source].name, p.record, row, start, seg, len(p.images))
                            for p, (row, start, seg) in zip(placed, batch.placement)]
         a = batch.arrays
-        return {"tokens": a["tokens"], "targets": a["targets"], "loss_mask": a["loss_mask"],
-                "positions": a["positions"], "segment_ids": a["segment_ids"], "pixel_values": pixels,
-                "image_index": index}
+        out = {"tokens": a["tokens"], "targets": a["targets"], "loss_mask": a["loss_mask"],
+               "positions": a["positions"], "segment_ids": a["segment_ids"], "pixel_values": pixels,
+               "image_index": index}
+        if self.qformer_tokenizer is not None:  # one row per image slot, as pixel_values; padded with -1
+            qformer = np.full((self.image_budget, self.qformer_text_len), -1, np.int32)
+            order = sorted(range(len(placed)), key=lambda i: batch.placement[i][:2])  # batch.images' order
+            for slot, ids in zip(pixel_row, [q for i in order for q in placed[i].qformer]):
+                qformer[slot, :len(ids)] = ids
+            out["qformer_tokens"] = qformer
+        return out
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:

@@ -26,6 +26,20 @@ Templates (`TEMPLATES`; the config's `data.template` choices are this list):
 - `llava_llama_2` (`conv_llava_llama_2` / `preprocess_llama_2`):
   `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{q} [/INST] {a} </s><s>[INST] {q2} [/INST] {a2} </s>`.
 
+- `minigpt4` (MiniGPT-4 stage 2, Vision-CAIR/MiniGPT-4 `mini_gpt4.py` `prompt_wrap` / `forward` with
+  `prompt_template: '###Human: {} ###Assistant: '`, `end_sym: '###'`):
+  `<s>###Human: <Img><image></Img> {q} ###Assistant: {a}###`, the text before and after each image one
+  tokenizer call each (MiniGPT-4 splits at `<ImageHere>`), the answer + `###` a call of its own, loss on the
+  answer and its `###` (no EOS: MiniGPT-4 pads with EOS and masks it). A later turn opens with `Human: `
+  (the answer's `###` is the separator, as MiniGPT-4's `Conversation.get_prompt` puts it). The released demo
+  prompts with a system prompt and `...{q}###Assistant:` (no space, no trailing space) — another context than
+  the one stage 2 trains; we prompt with the trained one.
+- `instructblip` (LAVIS `blip2_vicuna_instruct.py` `forward` / transformers' `InstructBlipProcessor`): the
+  image's query tokens first, *then* BOS, the raw instruction (one call), the answer (a call of its own,
+  as LAVIS tokenises `text_output` separately and drops its BOS) and EOS; loss on the answer and EOS. No
+  system prompt; one image, in the first message. Later turns (LAVIS has none) append instruction and
+  answer the same way. The Q-Former reads each image's instruction (`Template.image_instructions`).
+
 The LLaVA templates reproduce LLaVA's `tokenizer_image_token` on a LLaMA tokenizer that encodes the text
 around `<s>` / `</s>` / `<image>` with SentencePiece's dummy prefix (the slow `LlamaTokenizer`, `legacy=True`),
 and group a message's images as LLaVA's `preprocess_multimodal` does (`<image>\\n` first, the text stripped).
@@ -75,6 +89,8 @@ class Template:
     markers: tuple[str, ...] = ()
     #: A truncated answer ends with EOS (the template closes answers with EOS).
     eos_closes_answers: bool = True
+    #: The ids start with BOS (False: the template places its BOS piece itself, InstructBLIP after the image).
+    bos_first: bool = True
 
     def __repr__(self) -> str:
         return f"<template {self.name}>"
@@ -131,8 +147,39 @@ class Template:
         cuts = [text.index(s) for s in (*self.stop_strings, *self.markers) if s and s in text]
         return (text[:min(cuts)] if cuts else text).strip()
 
+    def image_instructions(self, conv: Conversation) -> list[str]:
+        """Per image of `conv`, in order, the instruction of the human message that holds it (its text
+        without image tags, stripped): what InstructBLIP's Q-Former reads beside that image."""
+        out: list[str] = []
+        for _, n, text in _human_messages(conv):
+            out += [text] * n
+        return out
+
     def _pieces(self, conv: Conversation) -> list[Piece]:
         raise NotImplementedError
+
+
+def _human_messages(conv: Conversation) -> list[tuple[str, int, str]]:
+    """(role, images, text) per message: consecutive human turns form one message, its `<image>` tags
+    counted and removed, its texts joined with '\\n' and stripped; AI turns as they are (0 images)."""
+    out: list[tuple[str, int, str]] = []
+    block: list[str] = []
+
+    def close() -> None:
+        if block:
+            n = sum(t.count(IMAGE_TAG) for t in block)
+            text = "\n".join(t.replace(IMAGE_TAG, "").strip() for t in block)
+            out.append((HUMAN, n, "\n".join(line for line in text.split("\n") if line.strip()).strip()))
+            block.clear()
+
+    for turn in conv.turns:
+        if turn.role == HUMAN:
+            block.append(turn.text)
+        else:
+            close()
+            out.append((AI, 0, turn.text))
+    close()
+    return out
 
 
 def _messages(conv: Conversation) -> list[tuple[str, str]]:
@@ -289,7 +336,62 @@ class LlavaLlama2(Template):
         return out
 
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (MplugOwl(), Plain(), VicunaV1(), LlavaLlama2())}
+#: MiniGPT-4's image placeholder around the visual tokens (`<Img><ImageHere></Img>`).
+MINIGPT4_IMAGE = "<Img>" + IMAGE_TAG + "</Img>"
+
+
+class MiniGPT4(Template):
+    """MiniGPT-4's stage-2 template (module docstring)."""
+
+    name = "minigpt4"
+    stop_strings = ("###",)
+    markers = _SPECIAL_TEXT + ("###", "<Img>", "</Img>", "<ImageHere>")
+    eos_closes_answers = False
+
+    def _pieces(self, conv: Conversation) -> list[Piece]:
+        out: list[Piece] = []
+        for i, (role, n, text) in enumerate(_human_messages(conv)):
+            if role == AI:  # its own tokenizer call, as MiniGPT-4 tokenises `caption + end_sym`
+                out.append(Piece(TEXT, text + "###", trained=True))
+                continue
+            opening = f"{conv.system}###Human: " if i == 0 else "Human: "
+            body = " ".join([MINIGPT4_IMAGE] * n + ([text] if text else []))
+            out += _text_with_images(f"{opening}{body} ###Assistant: ", join_first=False)
+        return out
+
+
+class InstructBlip(Template):
+    """InstructBLIP's (LAVIS) prompt format (module docstring)."""
+
+    name = "instructblip"
+    markers = _SPECIAL_TEXT
+    bos_first = False
+
+    def validate(self, conv: Conversation) -> None:
+        super().validate(conv)
+        counts = [n for role, n, _ in _human_messages(conv) if role == HUMAN]
+        if sum(counts) > 1 or sum(counts[1:]):
+            raise BadRecord("the instructblip template takes one image, in the first message")
+
+    def check_system(self, system: str) -> None:
+        pass  # no system prompt (any configured one is ignored)
+
+    def with_system(self, conv: Conversation, configured: str | None) -> Conversation:
+        return conv if conv.system == "" else dataclasses.replace(conv, system="")
+
+    def _pieces(self, conv: Conversation) -> list[Piece]:
+        messages = _human_messages(conv)
+        out = [Piece(IMAGE)] * messages[0][1] + [Piece(BOS)]
+        for role, _, text in messages:
+            if role == AI:  # LAVIS: `text_output + eos` tokenised on its own, its BOS dropped
+                out += [Piece(TEXT, text, trained=True), Piece(EOS, trained=True)]
+            elif text:
+                out.append(Piece(TEXT, text))
+        return out
+
+
+TEMPLATES: dict[str, Template] = {t.name: t for t in (MplugOwl(), Plain(), VicunaV1(), LlavaLlama2(), MiniGPT4(),
+                                                      InstructBlip())}
 DEFAULT = TEMPLATES["mplug_owl"]
 
 

@@ -230,11 +230,13 @@ def _encode_unit(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return spans
 
 
-def encode_pieces(pieces: Sequence[Piece], tokenizer: Tokenizer, tokens_per_image: int) -> Encoded:
-    """Ids of a template's pieces: BOS first (when the tokenizer has one), each run of joined text pieces in
-    one tokenizer call, `tokens_per_image` ids of -1 per image; BOS / EOS pieces are the special ids."""
+def encode_pieces(pieces: Sequence[Piece], tokenizer: Tokenizer, tokens_per_image: int, *,
+                  bos_first: bool = True) -> Encoded:
+    """Ids of a template's pieces: BOS first (when the tokenizer has one and `bos_first`: the template's
+    `bos_first`), each run of joined text pieces in one tokenizer call, `tokens_per_image` ids of -1 per image;
+    BOS / EOS pieces are the special ids."""
     bos = tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else None
-    ids: list[int] = [] if bos is None else [bos]
+    ids: list[int] = [] if bos is None or not bos_first else [bos]
     answer: list[int] = [-1] * len(ids)
     image_starts: list[int] = []
     answer_starts: list[int] = []
@@ -291,7 +293,7 @@ def to_training_sample(conversation: Conversation | str, tokenizer: Tokenizer, s
     """
     template = get_template(template)
     conv = conversation if isinstance(conversation, Conversation) else parse_official_text(conversation, images)
-    enc = encode_pieces(template.pieces(conv), tokenizer, tokens_per_image)
+    enc = encode_pieces(template.pieces(conv), tokenizer, tokens_per_image, bos_first=template.bos_first)
     ids, answer, image_starts, answer_starts = enc.ids, enc.answer, enc.image_starts, enc.answer_starts
     eos, pad = tokenizer.eos_id, tokenizer.pad_id
     truncated = len(ids) > seq_len
@@ -338,5 +340,7 @@ def to_prompt(turns: Sequence[tuple[str, str] | Turn], tokenizer: Tokenizer, tok
     `\nHuman: ` / `AI: ` than its own training pipeline; we follow the training pipeline.
     Raises BadRecord for a conversation that could not be trained on either (see `Template.validate`).
     """
-    pieces = get_template(template).prompt_pieces(turns, images, system)
-    return np.asarray(encode_pieces(pieces, tokenizer, tokens_per_image).ids, np.int32)
+    template = get_template(template)
+    pieces = template.prompt_pieces(turns, images, system)
+    return np.asarray(encode_pieces(pieces, tokenizer, tokens_per_image, bos_first=template.bos_first).ids,
+                      np.int32)

@@ -187,3 +187,38 @@ def load_tokenizer(path: str | Path, **kwargs) -> Tokenizer:
     if path.suffix == ".json":
         return HFJsonTokenizer(path, **kwargs)
     raise ValueError(f"unknown tokenizer file type {path.suffix!r} for {path} (expected .model or .json)")
+
+
+class WordPieceTokenizer:
+    """The Q-Former's BERT WordPiece tokenizer (InstructBLIP's `qformer_tokenizer`), for the batch's
+    `qformer_tokens`: `encode` gives `[CLS] ... [SEP]` truncated to `max_len` ids, as LAVIS's
+    `self.tokenizer(text_input, truncation=True, max_length=max_txt_len)` and transformers'
+    `InstructBlipProcessor` tokenise the instruction. `path`: a `tokenizer.json` (its own normaliser and
+    post-processor), a BERT `vocab.txt` (lower-cased, as `bert-base-uncased`), or a directory holding one
+    (`tokenizer.json` preferred; also its `qformer_tokenizer/` sub-folder, as transformers saves it)."""
+
+    def __init__(self, path: str | Path, max_len: int = 128):
+        from tokenizers import Tokenizer as _Tok
+        from tokenizers.implementations import BertWordPieceTokenizer
+        path = Path(path)
+        if path.is_dir():
+            found = [path / sub / name for sub in ("", "qformer_tokenizer") for name in ("tokenizer.json", "vocab.txt")
+                     if (path / sub / name).is_file()]
+            if not found:
+                raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path} (or its qformer_tokenizer/)")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"Q-Former tokenizer not found: {path}")
+        if max_len < 2:
+            raise ValueError(f"the Q-Former's text length must be at least 2 ([CLS] and [SEP]), got {max_len}")
+        try:
+            self._tok = _Tok.from_file(str(path)) if path.suffix == ".json" else BertWordPieceTokenizer(
+                str(path), lowercase=True)
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise ValueError(f"{path} is not a WordPiece tokenizer: {e}") from None
+        self._tok.enable_truncation(max_len)
+        self.path, self.max_len = path, max_len
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text).ids)

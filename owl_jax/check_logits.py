@@ -4,9 +4,11 @@
         [--atol 1e-4] [--tokenizer SPEC] [--length N] [--seed S]
 
 The conversion gate to run after an import or an export: `DIR` is anything owl-jax loads (a training run or
-one of its steps, an export, a llava-hf / `LlamaForCausalLM` / original LLaVA directory; see
-`owl_jax.loading`); `--reference` is the Hugging Face directory whose transformers class gives the expected
-logits (`LlavaForConditionalGeneration` for llava-hf, `LlamaForCausalLM` for a LLaMA directory: then the
+one of its steps, an export, a llava-hf / blip2-hf / instructblip-hf / `LlamaForCausalLM` / original LLaVA
+directory; see `owl_jax.loading`); `--reference` is the Hugging Face directory whose transformers class gives
+the expected logits (`LlavaForConditionalGeneration` for llava-hf, `Blip2ForConditionalGeneration` /
+`InstructBlipForConditionalGeneration` for blip2-hf / instructblip-hf — an InstructBLIP Q-Former reads the
+same deterministic random instruction ids on both sides —, `LlamaForCausalLM` for a LLaMA directory: then the
 language model alone is compared), by default `DIR` itself when that is one. Both run the same inputs in
 float32 on the CPU: the `--prompt` in the model's conversation template with the `--images` (owl-jax's
 preprocessing, the same pixels to both), or without a prompt deterministic random token ids (`--length`,
@@ -32,7 +34,13 @@ from typing import Sequence
 import numpy as np
 
 #: The transformers class that computes the reference logits of each Hugging Face directory kind.
-REFERENCE_CLASSES = {"llava-hf": "LlavaForConditionalGeneration", "hf-llama": "LlamaForCausalLM"}
+REFERENCE_CLASSES = {"llava-hf": "LlavaForConditionalGeneration", "hf-llama": "LlamaForCausalLM",
+                     "blip2-hf": "Blip2ForConditionalGeneration",
+                     "instructblip-hf": "InstructBlipForConditionalGeneration"}
+#: The kinds whose image slots are the model's `image_token_index` ids in transformers' input_ids.
+_IMAGE_TOKEN_KINDS = ("llava-hf", "blip2-hf", "instructblip-hf")
+#: Instruction tokens per image that check_logits gives an InstructBLIP Q-Former (random ids, both sides).
+QFORMER_TEXT_LEN = 8
 _NO_CLASS = {
     "mplug-owl": "the official mPLUG-Owl layout has no transformers class (transformers has no mPLUG-Owl "
                  "model); its reference is the official PyTorch code, which tests/test_golden.py compares against",
@@ -51,6 +59,7 @@ class Inputs:
     tokens: np.ndarray         # [T] int32, image slots -1
     pixels: np.ndarray | None  # [n, S, S, 3] float32 CLIP-normalised
     description: str
+    qformer_tokens: np.ndarray | None = None  # [n, L] int32 (InstructBLIP's Q-Former instruction), no padding
 
 
 @dataclasses.dataclass
@@ -111,6 +120,8 @@ def owl_logits(model, inputs: Inputs, tokens_per_image: int) -> np.ndarray:
         kwargs["image_index"] = jnp.asarray(plan_image_slots(tokens, np.asarray([n]), tokens_per_image=tokens_per_image,
                                                             image_budget=n))
         kwargs["pixel_values"] = jnp.asarray(inputs.pixels, jnp.float32)
+        if inputs.qformer_tokens is not None:
+            kwargs["qformer_tokens"] = jnp.asarray(inputs.qformer_tokens, jnp.int32)
     out = nnx.jit(lambda m, t, kw: m.logits(t, **kw))(model, jnp.asarray(tokens), kwargs)
     return np.asarray(out[0], np.float32)
 
@@ -135,10 +146,14 @@ def reference_logits(directory: Path, kind: str, inputs: Inputs) -> np.ndarray:
         raise CheckError(f"transformers cannot load {directory} as {cls.__name__}: {str(e).splitlines()[0]}") from None
     ids = inputs.tokens.astype(np.int64).copy()
     kwargs = {}
-    if kind == "llava-hf":
-        ids[ids < 0] = int(model.config.image_token_id)
+    if kind in _IMAGE_TOKEN_KINDS:
+        config = model.config
+        ids[ids < 0] = int(getattr(config, "image_token_id", None) or config.image_token_index)
         if inputs.pixels is not None and len(inputs.pixels):
             kwargs["pixel_values"] = torch.from_numpy(np.ascontiguousarray(inputs.pixels.transpose(0, 3, 1, 2)))
+        if inputs.qformer_tokens is not None:
+            kwargs["qformer_input_ids"] = torch.from_numpy(inputs.qformer_tokens.astype(np.int64))
+            kwargs["qformer_attention_mask"] = torch.ones_like(kwargs["qformer_input_ids"])
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids[None]), **kwargs).logits
     return out[0].float().numpy()
@@ -189,7 +204,11 @@ def make_inputs(args, loaded, *, text_only: bool, image_token: int | None, vocab
         what = f"random token ids (seed {args.seed})"
     images = "" if not n else (f", {n} image{'s' * (n != 1)} x {m.tokens_per_image} slots "
                                f"({'--images' if args.images else f'random pixels, seed {args.seed}'})")
-    return Inputs(tokens, pixels, f"{len(tokens)} positions: {what}{images}")
+    qformer = None
+    if n and m.connector == "qformer" and m.qformer.text_input:  # InstructBLIP: the Q-Former's instruction
+        qformer = np.tile(rng.integers(3, m.qformer.vocab_size, size=QFORMER_TEXT_LEN).astype(np.int32), (n, 1))
+        images += f", {QFORMER_TEXT_LEN} random Q-Former instruction ids per image"
+    return Inputs(tokens, pixels, f"{len(tokens)} positions: {what}{images}", qformer)
 
 
 # ---------------------------------------------------------------------- weights, for the diagnosis
@@ -268,7 +287,7 @@ def run(args) -> int:
     if not text_only:
         if not loaded.has_vision:
             raise CheckError(f"{args.checkpoint} is a text-only model; compare it with a LlamaForCausalLM reference")
-        seq = c.get("image_seq_length")
+        seq = c.get("image_seq_length", c.get("num_query_tokens"))
         if seq is not None and int(seq) != m.tokens_per_image:
             raise CheckError(f"the reference makes {seq} visual tokens per image, {args.checkpoint} "
                              f"{m.tokens_per_image}: not the same architecture")

@@ -319,7 +319,8 @@ class SourceConfig:
     name: str = ""
     path: str = ""
     # The record format (data_pipelines.conversation.READERS; mplug_owl = official, vicuna = sharegpt).
-    format: str = choice("llava", "official", "mplug_owl", "alpaca", "sharegpt", "vicuna", "baize")
+    # cc_sbu_align: MiniGPT-4's stage-2 `filter_cap.json` (path; images `image/<image_id>.jpg` beside it).
+    format: str = choice("llava", "official", "mplug_owl", "alpaca", "sharegpt", "vicuna", "baize", "cc_sbu_align")
     weight: float = 0.0  # 0 = proportional to the source's size
     image_root: str = ""  # relative image paths are resolved against this
 
@@ -348,12 +349,16 @@ class DataConfig:
     caption_template: str = "<image>{caption}"
     # The conversation template of instruction data, generation prompts, evaluation and serving, with its
     # stop strings (data_pipelines/templates.py): mplug_owl (official `Human: ` / `AI: `), plain (LLaVA
-    # stage 1: image, caption), vicuna_v1 (LLaVA-1.5: `USER: ... ASSISTANT: ...</s>`), llava_llama_2.
-    template: str = choice("mplug_owl", "plain", "vicuna_v1", "llava_llama_2")
+    # stage 1: image, caption), vicuna_v1 (LLaVA-1.5: `USER: ... ASSISTANT: ...</s>`), llava_llama_2,
+    # minigpt4 (`###Human: <Img><image></Img> q ###Assistant: a###`), instructblip (image, BOS, q, a</s>).
+    template: str = choice("mplug_owl", "plain", "vicuna_v1", "llava_llama_2", "minigpt4", "instructblip")
     # The system prompt of the conversation template (instruction data, evaluation, chat). None: the
     # template's own (mplug_owl: the official prompt, ~110 LLaMA tokens). "" drops it: conversations start
     # at "Human: ", which shortens sequences a lot for small models. A record's own system message always wins.
     system_prompt: str | None = None
+    # InstructBLIP (`model.qformer.text_input`): the Q-Former's BERT WordPiece tokenizer (a `tokenizer.json`
+    # or `vocab.txt`, or a directory holding one) for the batch's `qformer_tokens` (each image's instruction).
+    qformer_tokenizer: str = ""
     # Training augmentation of caption images: random resized crop (scale 0.5-1) and horizontal flip.
     augment: bool = True
     hflip: bool = True

@@ -49,9 +49,32 @@ def make_pipeline(cfg: Config, tokenizer, *, split: str = "train", state: dict |
                 for s in sources]
         return InstructionPipeline(srcs, image_budget=budget, train=train and data.augment, hflip=data.hflip,
                                    packing=data.packing, system_prompt=data.system_prompt, template=data.template,
-                                   **common)
+                                   **_qformer_text(cfg), **common)
     from owl_jax.config import DataConfig, field_choices  # (validated at load; a hand-built Config may skip that)
     raise ConfigError(f"data.kind {data.kind!r} is not one of {', '.join(field_choices(DataConfig, 'kind'))}")
+
+
+def reads_instructions(cfg: Config) -> bool:
+    """InstructBLIP: the model's Q-Former reads each image's instruction (the batch's `qformer_tokens`)."""
+    return cfg.model.connector == "qformer" and cfg.model.qformer.text_input
+
+
+def _qformer_text(cfg: Config) -> dict:
+    """The instruction pipeline's Q-Former tokenizer arguments (none unless `reads_instructions`)."""
+    if not reads_instructions(cfg):
+        return {}
+    from data_pipelines.tokenizers import WordPieceTokenizer
+    if not cfg.data.qformer_tokenizer:
+        raise ConfigError("model.qformer.text_input reads the instruction: set data.qformer_tokenizer (the "
+                          "Q-Former's BERT tokenizer.json / vocab.txt)")
+    try:
+        tok = WordPieceTokenizer(cfg.data.qformer_tokenizer, cfg.model.qformer.max_text_len)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.qformer_tokenizer: {e}") from None
+    if tok.vocab_size > cfg.model.qformer.vocab_size:
+        raise ConfigError(f"data.qformer_tokenizer has {tok.vocab_size} tokens, model.qformer.vocab_size "
+                          f"{cfg.model.qformer.vocab_size}")
+    return {"qformer_tokenizer": tok, "qformer_text_len": cfg.model.qformer.max_text_len}
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -72,5 +95,8 @@ def batches(pipeline, mesh: Mesh, keys: tuple[str, ...] | None = None) -> Iterat
 def batch_keys(cfg: Config) -> tuple[str, ...]:
     from owl_jax.training.stages import uses_images
     keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
-    return keys + (("pixel_values", "image_index") if uses_images(cfg.training.stage) else ())
+    if not uses_images(cfg.training.stage):
+        return keys
+    keys += ("pixel_values", "image_index")
+    return keys + (("qformer_tokens",) if reads_instructions(cfg) and cfg.data.kind == "instructions" else ())
 

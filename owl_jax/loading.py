@@ -43,13 +43,13 @@ class Loaded:
     config: Config  # model architecture + data settings (tokenizer, system prompt, caption template, seq_len)
     model: nnx.Module
     tokenizer: object
-    kind: str  # run | mplug-owl | hf-llama | llava-hf | llava-original
+    kind: str  # run | mplug-owl | hf-llama | llava-hf | llava-original | blip2-hf | instructblip-hf
     has_vision: bool
 
 
 #: The conversation template (`data.template`) a Hugging Face directory of each kind is prompted in.
 FAMILY_TEMPLATES = {"mplug-owl": "mplug_owl", "hf-llama": "mplug_owl", "llava-hf": "vicuna_v1",
-                    "llava-original": "vicuna_v1"}
+                    "llava-original": "vicuna_v1", "blip2-hf": "instructblip", "instructblip-hf": "instructblip"}
 
 
 #: The vision side of a text-only (`hf-llama`) model: tiny, never run on a real image.
@@ -60,7 +60,7 @@ _PLACEHOLDER_ABSTRACTOR = AbstractorConfig(hidden_size=8, num_layers=1, num_head
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """run | mplug-owl | hf-llama | llava-hf | llava-original for a loadable path, else LoadError saying what
+    """run | mplug-owl | hf-llama | llava-hf | llava-original | blip2-hf | instructblip-hf for a loadable path, else LoadError saying what
     the path is not."""
     p = Path(path)
     if not p.exists():
@@ -82,9 +82,11 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
         return "llava-original"
     if model_type == "llava":
         return "llava-hf"
+    if model_type in ("blip-2", "instructblip"):  # Blip2 / InstructBlipForConditionalGeneration
+        return "blip2-hf" if model_type == "blip-2" else "instructblip-hf"
     if model_type == "llama":
         return "hf-llama"
-    raise LoadError(f"{config}: model_type {model_type!r} is not an mPLUG-Owl, LLaVA or LLaMA checkpoint")
+    raise LoadError(f"{config}: model_type {model_type!r} is not an mPLUG-Owl, LLaVA, BLIP-2 or LLaMA checkpoint")
 
 
 def model_name(path: str | os.PathLike) -> str:
@@ -172,7 +174,8 @@ def _from_hf(path: Path, kind: str, lora: Path | None, scan_layers: bool) -> tup
     from owl_jax.convert.mplug_owl import (load_hf_clip_vision, load_hf_llama, load_official, load_peft_lora,
                                            read_official_config, text_config_from_hf)
     from owl_jax.convert.state import StateMismatchError
-    if lora and kind.startswith("llava"):
+    from owl_jax.convert import blip2
+    if lora and kind not in ("mplug-owl", "hf-llama"):
         raise LoadError(f"--lora applies to mPLUG-Owl and LLaMA directories, not {kind} ones (merge the adapters "
                         f"before exporting)")
     tower = None
@@ -183,6 +186,8 @@ def _from_hf(path: Path, kind: str, lora: Path | None, scan_layers: bool) -> tup
             model_cfg = llava.read_llava_config(path)
         elif kind == "llava-original":
             model_cfg, tower = _llava_original_config(path)
+        elif kind in ("blip2-hf", "instructblip-hf"):
+            model_cfg = blip2.read_blip2_config(path)
         else:
             text = text_config_from_hf(json.loads((path / "config.json").read_text()))
             model_cfg = ModelConfig(vision=_PLACEHOLDER_VISION, abstractor=_PLACEHOLDER_ABSTRACTOR, text=text)
@@ -192,7 +197,9 @@ def _from_hf(path: Path, kind: str, lora: Path | None, scan_layers: bool) -> tup
                                     scan_layers=scan_layers)
     model = _allocate(model_cfg)
     try:
-        if kind.startswith("llava"):
+        if kind in ("blip2-hf", "instructblip-hf"):
+            blip2.load_blip2_checked(model, model_cfg, path)
+        elif kind.startswith("llava"):
             if tower is not None:
                 load_hf_clip_vision(model, model_cfg, tower)
             llava.load_llava_checked(model, model_cfg, path)

@@ -203,3 +203,36 @@ def test_an_original_llava_directory_loads_for_inference_and_checks(hf_llava, ca
     os.rename(target / "clip", target / "tower")  # a tower that is not there: one line naming what to do
     code, out, err = _run(capsys, "--checkpoint", target, "--reference", hf_llava / "llava")
     assert code == 2 and "vision tower 'clip' is not a local directory" in err, err
+
+
+@pytest.fixture(scope="module")
+def hf_blip2(tmp_path_factory):
+    """blip2-hf and instructblip-hf directories saved by transformers (tiny random configs of
+    tests/test_blip2.py), and an InstructBLIP copy whose `language_projection.weight` is perturbed."""
+    from safetensors.torch import load_file, save_file
+    from test_blip2 import _hf_model
+    root = tmp_path_factory.mktemp("check_blip2")
+    for i, kind in enumerate(("blip2", "instructblip")):
+        _hf_model(kind, seed=40 + i).save_pretrained(root / kind, safe_serialization=True)
+    shutil.copytree(root / "instructblip", root / "perturbed")
+    weights = root / "perturbed" / "model.safetensors"
+    tensors = load_file(str(weights))
+    key = "language_projection.weight"
+    tensors[key] = tensors[key] + 0.05 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(3))
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return root
+
+
+@pytest.mark.parametrize("kind,cls", [("blip2", "Blip2ForConditionalGeneration"),
+                                      ("instructblip", "InstructBlipForConditionalGeneration")])
+def test_blip2_family_directories_pass_and_a_perturbed_copy_fails(hf_blip2, kind, cls, capsys):
+    code, out, err = _run(capsys, "--checkpoint", hf_blip2 / kind)
+    assert code == 0, out + err
+    assert cls in out and "PASS" in out and "1 image x 8 slots" in out
+    assert ("random Q-Former instruction ids" in out) == (kind == "instructblip")
+    assert float(out.split("max abs logit difference ")[1].split()[0]) < 1e-4
+    if kind == "instructblip":
+        code, out, err = _run(capsys, "--checkpoint", hf_blip2 / "perturbed", "--reference", hf_blip2 / kind)
+        assert code == 1, out + err
+        named = out.split("weights that differ from the reference's: ")[1]
+        assert named.startswith("qformer.language_projection.kernel") and "," not in named.strip()

@@ -229,7 +229,8 @@ RECORDS = {
     "leading_gpt": _msgs(("gpt", "Hello!"), ("human", "<image>\nDescribe it."), ("gpt", "A blue triangle."),
                          image="c.jpg"),
 }
-LINES = [VICUNA_V1_SYSTEM, LLAVA_LLAMA_2_SYSTEM, "USER: ASSISTANT: [INST] <<SYS>> <</SYS>> [/INST]"] + [
+LINES = [VICUNA_V1_SYSTEM, LLAVA_LLAMA_2_SYSTEM, "USER: ASSISTANT: [INST] <<SYS>> <</SYS>> [/INST]",
+         "###Human: <Img> </Img> Describe this image in detail. ###Assistant: The image shows a red circle###"] + [
     m["value"] for r in RECORDS.values() for m in r["conversations"]]
 
 
@@ -402,3 +403,79 @@ def test_chat_sessions_prompt_in_the_runs_template(sp):
     np.testing.assert_array_equal(second.tokens, want)
     cfg.data.template = "mplug_owl"  # the default is untouched
     assert ChatSession.for_config(cfg, sp).stop_strings == ("\nHuman:", "\nAI:")
+
+
+# --------------------------------------------------------------------------------------------------
+# MiniGPT-4 (Vision-CAIR/MiniGPT-4, first release) and InstructBLIP (LAVIS), ported
+# --------------------------------------------------------------------------------------------------
+
+MINIGPT4_PROMPT_TEMPLATE, MINIGPT4_END_SYM = "###Human: {} ###Assistant: ", "###"  # minigpt4_stage2_finetune.yaml
+
+
+def minigpt4_stage2(prompt, caption, tokenizer):
+    """`MiniGPT4.prompt_wrap` + `forward` of one sample (image slots as IMAGE_TOKEN_INDEX, targets -100):
+    BOS, `p_before`, the image, `p_after`, then `caption + end_sym` — each tokenised on its own without
+    special tokens; the loss on the caption part only (its pad = EOS is masked; one sample has no pad)."""
+    p_before, p_after = prompt.split("<ImageHere>")
+    before = tokenizer(p_before).input_ids[1:]  # add_special_tokens=False
+    after = tokenizer(p_after).input_ids[1:]
+    regress = tokenizer(caption + MINIGPT4_END_SYM).input_ids[1:]
+    ids = [tokenizer.bos_token_id] + before + [IMAGE_TOKEN_INDEX] + after + regress
+    return ids, [IGNORE_INDEX] * (len(ids) - len(regress)) + regress
+
+
+def instructblip_forward(instruction, answer, tokenizer):
+    """LAVIS `Blip2VicunaInstruct.forward` of one sample: the query tokens, `llm_tokenizer(text_input)`
+    (BOS first), `llm_tokenizer(text_output + eos)[1:]` (`concat_text_input_output`); loss on the output."""
+    inp = tokenizer(instruction).input_ids
+    out = tokenizer(answer + "</s>").input_ids[1:]
+    ids = [IMAGE_TOKEN_INDEX] + inp + out
+    return ids, [IGNORE_INDEX] * (1 + len(inp)) + out
+
+
+_CAPTION = "The image shows a red circle near the left edge, on a white background."
+
+
+@pytest.mark.parametrize("variant", range(4))
+def test_minigpt4_equals_minigpt4s_stage2_samples(variant, sp):
+    """cc_sbu_align records in the `minigpt4` template are MiniGPT-4's stage-2 samples: its alignment
+    prompt (`prompts/alignment.txt` through `prompt_template`), split at `<ImageHere>`, `caption###`."""
+    from data_pipelines.conversation import ALIGN_PROMPTS
+    template = get_template("minigpt4")
+    record = {"image_id": "2", "caption": _CAPTION}
+    conv = template.with_system(read_record(record, "cc_sbu_align", markers=template.markers, variant=variant), None)
+    assert conv.images == ("image/2.jpg",)
+    prompt = MINIGPT4_PROMPT_TEMPLATE.format("<Img><ImageHere></Img> " + ALIGN_PROMPTS[variant])
+    want_ids, want_trained = _expanded(*minigpt4_stage2(prompt, _CAPTION, LegacyLlamaTokenizer(sp)))
+    s = to_training_sample(conv, sp, 4096, TPI, template=template)
+    np.testing.assert_array_equal(s.tokens, want_ids)
+    np.testing.assert_array_equal(s.loss_mask[:-1], want_trained[1:])
+    assert sp.eos_id not in s.tokens  # MiniGPT-4 trains `###`, never EOS
+    assert template.render(conv) == prompt.replace("<ImageHere>", "<image>") + _CAPTION + "###"
+    # the prompt is the trained context up to the answer
+    turns = [(HUMAN, "<image>"), (HUMAN, ALIGN_PROMPTS[variant])]
+    np.testing.assert_array_equal(to_prompt(turns, sp, TPI, images=["a"], system="", template="minigpt4"),
+                                  want_ids[:int(np.flatnonzero(want_trained)[0])])
+    assert template.clean_answer(" A red circle.###Human: more") == "A red circle."
+    with pytest.raises(BadRecord, match="role marker"):
+        read_record({"image_id": 3, "caption": "a ### b"}, "cc_sbu_align", markers=template.markers)
+
+
+def test_instructblip_equals_lavis(sp):
+    """`instructblip`: the query tokens before BOS, the raw instruction, the answer + EOS trained (LAVIS)."""
+    template = get_template("instructblip")
+    record = RECORDS["image_first"]
+    conv = template.with_system(read_record(record, "llava", markers=template.markers), None)
+    want_ids, want_trained = _expanded(*instructblip_forward("What is in the picture?", "A red circle on the left.",
+                                                             LegacyLlamaTokenizer(sp)))
+    s = to_training_sample(conv, sp, 4096, TPI, template=template)
+    np.testing.assert_array_equal(s.tokens, want_ids)
+    np.testing.assert_array_equal(s.loss_mask[:-1], want_trained[1:])
+    assert (s.tokens[:TPI] == IMAGE_ID).all() and s.tokens[TPI] == sp.bos_id and s.tokens[-1] == sp.eos_id
+    assert template.image_instructions(conv) == ["What is in the picture?"]
+    prompt = to_prompt([(HUMAN, "<image>"), (HUMAN, "What is in the picture?")], sp, TPI, images=["a"],
+                       system="", template="instructblip")
+    np.testing.assert_array_equal(prompt, want_ids[:int(np.flatnonzero(want_trained)[0])])
+    with pytest.raises(BadRecord, match="instructblip template takes one image"):
+        _ours("instructblip", _msgs(("human", "<image>\nq"), ("gpt", "a"), ("human", "<image>\nq2"), ("gpt", "b"),
+                                    image=["a.jpg", "b.jpg"]), sp)
