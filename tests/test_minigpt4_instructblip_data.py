@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -141,3 +142,11 @@ def test_instructblip_trains_on_a_pipeline_batch_and_reads_its_instruction(llava
     base = mean_loss(batch)
     other = dict(batch, qformer_tokens=np.where(batch["qformer_tokens"] >= 0, 5, -1).astype(np.int32))
     assert np.isfinite(base) and abs(mean_loss(other) - base) > 1e-6
+    # the sharded train step takes the same batch, with abstract_batch declaring qformer_tokens (AOT, shardings)
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.train_step import abstract_batch, create_trainer
+    assert abstract_batch(cfg)["qformer_tokens"].shape == batch["qformer_tokens"].shape
+    cfg.mesh.fsdp = 4
+    trainer = create_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:4]), batch_example=batch)
+    metrics = trainer.step(trainer.put_batch(batch))
+    assert np.isfinite(float(metrics["loss"]))

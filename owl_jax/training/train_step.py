@@ -209,6 +209,10 @@ def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
         size = cfg.model.vision.image_size
         batch["pixel_values"] = jax.ShapeDtypeStruct((cfg.data.images_per_batch, size, size, 3), jnp.float32)
         batch["image_index"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
+        from owl_jax.data import reads_instructions
+        if reads_instructions(cfg) and cfg.data.kind == "instructions":  # InstructBLIP: each image's instruction
+            batch["qformer_tokens"] = jax.ShapeDtypeStruct((cfg.data.images_per_batch, cfg.model.qformer.max_text_len),
+                                                           jnp.int32)
     return batch
 
 
