@@ -33,6 +33,50 @@ def test_compiled_step_flops_match_the_analytic_count(stage):
     assert 0.97 < ratio < 1.05, f"{stage}: compiled/analytic = {ratio:.4f} ({analytic})"
 
 
+# Trainable sets beyond the first release's stages: presets of both families and config patterns (a
+# middle tower layer and one LLM MLP: forward-only below them, input gradients above).
+@pytest.mark.parametrize("family, overrides", [
+    ("owl", ["training.stage=owl_stage2_paper"]),
+    ("llava", ["training.stage=llava_stage2"]),
+    ("llava", ["training.stage=llava_lora", "model.lora.targets=['language_model\\..*_proj$']"]),
+    ("owl", [r"training.trainable=['^vision_model\.layers\.1\.', '^language_model\.layers\.1\.mlp\.']"]),
+], ids=["owl_stage2_paper", "llava_stage2", "llava_lora", "patterns"])
+def test_compiled_flops_follow_the_configured_trainable_set(family, overrides):
+    from test_trainable import TINY_LLAVA, _batch
+    cfg = load_config("configs/tiny_test.yaml", [*SMALL, *(TINY_LLAVA if family == "llava" else []), *overrides])
+    if family == "llava":
+        batch = _batch(cfg, rows=ROWS, seq=SEQ, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
+    else:
+        batch, _ = make_batch(cfg, rows=ROWS, seq=SEQ)
+    graphdef, abstract_state, _, schedule, _ = abstract_train_state(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    step = make_step_function(graphdef, cfg, schedule)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    compiled = jax.jit(step).lower(abstract_state, abstract_batch).compile()
+    analytic = step_flops(cfg.model, cfg.training, tokens=ROWS * SEQ, seq_len=SEQ, images=len(batch["pixel_values"]),
+                          causal_halving=False)
+    ratio = compiled_flops(compiled) / analytic.total
+    assert 0.97 < ratio < 1.05, f"{overrides}: compiled/analytic = {ratio:.4f} ({analytic})"
+
+
+def test_the_count_reads_the_trainable_set_not_the_stage_name():
+    """The same leaves give the same count whether a preset or `training.trainable` names them; other
+    leaves under the same stage name give another count."""
+    from owl_jax.training.stages import trainable_patterns
+    cfg = load_config("configs/tiny_test.yaml", [*SMALL, "training.stage=owl_stage2_paper"])
+    same = load_config("configs/tiny_test.yaml", [*SMALL, "training.stage=owl_stage2_paper",
+                                                  "training.trainable=[" + ", ".join(
+                                                      f"'{p}'" for p in trainable_patterns(cfg.training)[0]) + "]"])
+    other = load_config("configs/tiny_test.yaml", [*SMALL, "training.stage=owl_stage2_paper",
+                                                   r"training.trainable=['^language_model\.layers\.1\.']"])
+    kw = dict(tokens=ROWS * SEQ, seq_len=SEQ, images=8)
+    preset = step_flops(cfg.model, cfg.training, **kw)
+    assert step_flops(cfg.model, same.training, **kw) == preset == step_flops(cfg.model, "owl_stage2_paper", **kw)
+    # only the last LLM layer trains: the tower and abstractor run forward only, and so does layer 0
+    partial = step_flops(cfg.model, other.training, **kw)
+    frozen_vision = step_flops(cfg.model, "instruct_lora", **kw).vision
+    assert partial.vision == frozen_vision and partial.llm < preset.llm
+
+
 @pytest.mark.parametrize("kind, peak", [("TPU v4", 275e12), ("TPU v5", 459e12), ("TPU v5 lite", 197e12),
                                         ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12),
                                         ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),

@@ -17,6 +17,7 @@ weight gradients and no optimizer state exists for them. A pattern that selects 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -134,13 +135,9 @@ class TrainableSet:
     def __contains__(self, name: str) -> bool:
         return name in self._lookup
 
-    @property
+    @functools.cached_property
     def _lookup(self) -> frozenset:
-        cached = self.__dict__.get("_lookup_set")
-        if cached is None:
-            cached = frozenset(self.names)
-            object.__setattr__(self, "_lookup_set", cached)
-        return cached
+        return frozenset(self.names)
 
 
 # `layers.0.`, `layers\.0\.`, `layers\.[0-3]\.`, `layers\.\d+\.`: a pattern naming layer indices

@@ -1,0 +1,320 @@
+"""Trainable sets from the config (`training.trainable`, the presets of `training.stage`) and learning-rate
+groups (`optimizer.param_groups`): the leaves each preset trains, by name and count, on both connectors;
+frozen leaves bit-identical after steps while every trainable one moves; optimizer state for exactly the
+trainable leaves, per group; each group's learning rate in the metrics and in the size of Adam's first
+step; one-line errors for patterns that select nothing; and a tiny LLaVA through the train CLI (stage 1,
+stage 2 from its checkpoint, generation from the run)."""
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from owl_jax.config import ConfigError, load_config
+from owl_jax.convert.state import canonical_params
+from owl_jax.models.layers import path_str, user_path
+from owl_jax.models.owl import build_model
+from owl_jax.sharding import make_mesh
+from owl_jax.training.stages import PRESETS, STAGES, StageError, resolve_trainable
+from owl_jax.training.train_step import abstract_train_state, create_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/model/tiny_llava.yaml on top of the tiny training recipe (as tests/test_llava.py)
+TINY_LLAVA = ["model.connector=mlp2x_gelu", "model.vision_feature_layer=-2",
+              "model.vision_feature_select_strategy=default", "model.vision.num_layers=3",
+              "model.vision.layer_norm_eps=1e-5"]
+# LLaVA-LoRA's targets, from the recipe itself: every LLM linear
+ALL_LINEAR = "model.lora.targets=[" + ", ".join(
+    f"'{t}'" for t in load_config(os.path.join(ROOT, "configs/llava15_7b_lora.yaml")).model.lora.targets) + "]"
+FAST = ["model.lora.rank=4", "model.lora.dropout=0.0", "model.abstractor.attention_dropout=0.0"]
+
+
+def tiny(family: str, *extra: str):
+    base = TINY_LLAVA if family == "llava" else []
+    return load_config(os.path.join(ROOT, "configs/tiny_test.yaml"), [*base, *FAST, "mesh.fsdp=1", *extra])
+
+
+def _parts(name: str) -> str:
+    if ".lora." in name:
+        return "lora"
+    return name.split(".")[0].replace("abstractor", "connector").replace("projector", "connector") \
+        .replace("vision_model", "vision").replace("language_model", "llm")
+
+
+# preset -> (parts it trains on mPLUG-Owl, on LLaVA), and the leaf counts of the tiny models (rank-4 LoRA
+# on q_proj / v_proj of 2 LLM layers: 8 adapter leaves; tower 31 leaves (2 layers) / 43 (3 layers);
+# abstractor 48, projector 4; LLM 21)
+PRESET_PARTS = {
+    "pretrain": (({"vision", "connector"}, 79), ({"connector"}, 4)),
+    "owl_stage1": (({"vision", "connector"}, 79), ({"vision", "connector"}, 47)),
+    "owl_stage2_lora": (({"lora"}, 8), ({"lora"}, 8)),
+    "instruct_lora": (({"lora"}, 8), ({"lora"}, 8)),
+    "owl_stage2_paper": (({"lora", "connector"}, 56), ({"lora", "connector"}, 12)),
+    "llava_stage1": (({"connector"}, 48), ({"connector"}, 4)),
+    "llava_stage2": (({"connector", "llm"}, 69), ({"connector", "llm"}, 25)),
+    "llava_lora": (({"lora", "connector"}, 56), ({"lora", "connector"}, 12)),
+    "instruct_full": (({"llm"}, 21), ({"llm"}, 21)),
+    "lm_pretrain": (({"llm"}, 21), ({"llm"}, 21)),
+}
+
+
+def test_every_stage_is_a_preset_with_its_recipe():
+    assert set(PRESET_PARTS) == set(STAGES) == set(PRESETS) | {"pretrain"}
+    assert all(p.recipe for p in PRESETS.values())
+
+
+@pytest.mark.parametrize("family", ["owl", "llava"])
+@pytest.mark.parametrize("stage", sorted(PRESET_PARTS))
+def test_each_preset_trains_its_leaves(family, stage):
+    cfg = tiny(family, f"training.stage={stage}")
+    model = nnx.eval_shape(lambda: build_model(cfg.model))
+    params = [user_path(path_str(p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    parts, count = PRESET_PARTS[stage][family == "llava"]
+    ts = resolve_trainable(model, cfg.training, cfg.model)
+    assert sorted(ts.names) == sorted(n for n in params if _parts(n) in parts)
+    assert len(ts.names) == count
+
+
+def test_llava_lora_recipe_targets_every_llm_linear():
+    cfg = tiny("llava", "training.stage=llava_lora", ALL_LINEAR)
+    model = nnx.eval_shape(lambda: build_model(cfg.model))
+    names = set(resolve_trainable(model, cfg.training, cfg.model).names)
+    linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj"]
+    lora = {f"language_model.layers.{i}.{m}.lora.lora_{ab}" for i in (0, 1) for m in linears for ab in "ab"}
+    projector = {f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("kernel", "bias")}
+    assert names == lora | projector and len(names) == 32  # no lm_head adapter, no base weight
+
+
+def test_scanned_stacks_name_no_layer_index():
+    cfg = tiny("llava", "training.stage=llava_lora", "model.scan_layers=true")
+    model = nnx.eval_shape(lambda: build_model(cfg.model))
+    names = resolve_trainable(model, cfg.training, cfg.model).names
+    assert sorted(n for n in names if ".lora." in n) == sorted(
+        f"language_model.layers.self_attn.{m}.lora.lora_{ab}" for m in ("q_proj", "v_proj") for ab in "ab")
+
+
+def test_patterns_replace_the_preset_and_exclusions_apply():
+    cfg = tiny("llava", r"training.trainable=['^language_model\.layers\.1\.', 'lm_head', '!post_attention_layernorm']")
+    model = nnx.eval_shape(lambda: build_model(cfg.model))
+    ts = resolve_trainable(model, cfg.training, cfg.model)
+    assert ts.label == "training.trainable"
+    want = {"language_model.lm_head.kernel", "language_model.layers.1.input_layernorm.scale"} | {
+        f"language_model.layers.1.{m}.kernel" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                        "mlp.down_proj")} | {
+        f"language_model.layers.1.self_attn.{m}.lora.lora_{ab}" for m in ("q_proj", "v_proj") for ab in "ab"}
+    assert set(ts.names) == want
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training: frozen leaves bit-identical, trainable ones all moving, optimizer state for the trainable only
+# --------------------------------------------------------------------------------------------------------
+
+
+def _batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0):
+    from owl_jax.models.splice import plan_image_slots
+    rng = np.random.default_rng(seed)
+    tpi = cfg.model.tokens_per_image
+    ids = rng.integers(3, cfg.model.text.vocab_size, size=(rows, seq))
+    for r, n in enumerate(images):
+        for j in range(n):
+            ids[r, 1 + j * (tpi + 1):1 + j * (tpi + 1) + tpi] = -1
+    index = plan_image_slots(ids, np.array(images), tokens_per_image=tpi, image_budget=budget)
+    size = cfg.model.vision.image_size
+    mask = (ids >= 0) & (np.roll(ids, -1, axis=1) >= 0)
+    mask[:, -1] = False
+    return dict(tokens=ids.astype(np.int32), targets=np.roll(ids, -1, axis=1).clip(0).astype(np.int32),
+                loss_mask=mask, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+                segment_ids=np.ones_like(ids, dtype=np.int32), image_index=index,
+                pixel_values=rng.normal(size=(budget, size, size, 3)).astype(np.float32))
+
+
+def _mu_paths(opt_state) -> list[str]:
+    """Parameter paths of Adam's first moments."""
+    out = set()
+    for path, _ in nnx.to_flat_state(opt_state):
+        path = [str(p) for p in path]
+        if "mu" not in path:
+            continue
+        out.add(".".join(path[path.index("mu") + 1:]))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("family, overrides", [
+    ("owl", ["training.stage=owl_stage2_paper"]),
+    ("llava", ["training.stage=llava_stage2"]),
+    ("llava", ["training.stage=llava_lora", ALL_LINEAR]),
+    ("llava", [r"training.trainable=['^language_model\.layers\.1\.', 'lm_head', '!post_attention_layernorm']"]),
+], ids=["owl_stage2_paper", "llava_stage2", "llava_lora", "patterns"])
+def test_frozen_leaves_stay_bit_identical_and_every_trainable_leaf_moves(family, overrides):
+    cfg = tiny(family, *overrides, "optimizer.learning_rate=1e-2", "optimizer.weight_decay=0.01")
+    batch = _batch(cfg)
+    trainer = create_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), batch_example=batch)
+    before = {k: np.asarray(v) for k, v in canonical_params(trainer.model()).items()}
+    losses = [float(trainer.step(trainer.put_batch(batch))["loss"]) for _ in range(2)]  # LoRA a moves at step 2
+    after = {k: np.asarray(v) for k, v in canonical_params(trainer.model()).items()}
+    changed = sorted(k for k in before if not np.array_equal(before[k], after[k]))
+    assert changed == sorted(trainer.trainable) and losses[1] < losses[0]
+    ts = nnx.merge(trainer.graphdef, trainer.state)
+    assert _mu_paths(nnx.state(ts.optimizer)) == sorted(trainer.trainable)  # no state for frozen leaves
+    assert sorted(user_path(n) for n in trainer.trainable) == sorted(trainer.trainable_set.names)
+
+
+def test_each_group_trains_at_its_own_learning_rate():
+    """LLaVA-LoRA's two rates (scaled for a tiny model: adapters 1e-2, projector 1e-3): in the metrics and in
+    Adam's first step, whose size per element is the learning rate (m / sqrt(v) = g / |g|)."""
+    cfg = tiny("llava", "training.stage=llava_lora", ALL_LINEAR, "optimizer.learning_rate=1e-2",
+               "optimizer.weight_decay=0.0", "optimizer.eps=1e-12", "optimizer.grad_clip_norm=0.0",
+               r"optimizer.param_groups=[{name: projector, patterns: ['^projector\.'], learning_rate: 1e-3}]")
+    batch = _batch(cfg)
+    trainer = create_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), batch_example=batch)
+    before = {k: np.asarray(v) for k, v in canonical_params(trainer.model()).items()}
+    metrics = jax.device_get(trainer.step(trainer.put_batch(batch)))
+    after = {k: np.asarray(v) for k, v in canonical_params(trainer.model()).items()}
+    assert metrics["learning_rate"] == pytest.approx(1e-2) and metrics["learning_rate/projector"] == pytest.approx(1e-3)
+    step = {k: float(np.abs(after[k] - before[k]).max()) for k in before}
+    projector = [k for k in step if k.startswith("projector.")]
+    lora_b = [k for k in step if k.endswith("lora_b")]
+    assert len(projector) == 4 and len(lora_b) == 14
+    np.testing.assert_allclose([step[k] for k in projector], 1e-3, rtol=1e-3)
+    np.testing.assert_allclose([step[k] for k in lora_b], 1e-2, rtol=1e-3)
+    # one AdamW over all trainable leaves (the groups differ in the rate of its last step only)
+    assert _mu_paths(nnx.state(nnx.merge(trainer.graphdef, trainer.state).optimizer)) == sorted(trainer.trainable)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Mistakes: one line each
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, overrides, message", [
+    ("llava", [r"training.trainable=['^projecter\.']"],
+     r"training.trainable: pattern '^projecter\.' matches no parameter (paths look like language_model."),
+    ("llava", [r"training.trainable=['^projector\.', '!vision']"],
+     r"training.trainable: pattern '!vision' excludes none of the parameters the other patterns select"),
+    ("llava", ["training.stage=llava_lora", "model.lora.rank=0"],
+     r"training.stage llava_lora: pattern '\.lora_[ab]$' matches no parameter (the model has no LoRA adapters: "
+     r"set model.lora.rank > 0)"),
+    ("llava", ["model.scan_layers=true", r"training.trainable=['layers\.0\.']"],
+     "with model.scan_layers a stack's leaves name no layer index"),
+    ("llava", ["training.stage=pretrain", "model.connector=identity", "model.vision.hidden_size=96"],
+     r"training.stage pretrain (llava_stage1): pattern '^projector\.' matches no parameter (the identity connector"),
+    ("owl", ["training.stage=llava_lora", r"optimizer.param_groups=[{name: tower, patterns: [vision], learning_rate: 1e-5}]"],
+     "optimizer.param_groups[0] (tower): patterns vision match no trainable parameter"),
+])
+def test_a_selection_of_nothing_is_a_one_line_config_error(family, overrides, message):
+    cfg = tiny(family, *overrides)
+    with pytest.raises(ConfigError) as e:
+        abstract_train_state(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.trainable=['!lora']", "only '!' patterns"),
+    ("training.trainable=['']", "an empty pattern"),
+    ("training.trainable=['proj(']", "training.trainable: invalid regular expression 'proj('"),
+    ("optimizer.param_groups=[{name: default, patterns: [x], learning_rate: 1e-3}]", "and not 'default'"),
+    ("optimizer.param_groups=[{name: a, patterns: [x], learning_rate: 1e-3}, {name: a, patterns: [y], "
+     "learning_rate: 1e-3}]", "'a' names two groups"),
+    ("optimizer.param_groups=[{name: a, patterns: [], learning_rate: 1e-3}]", "param_groups[0].patterns: empty"),
+    ("optimizer.param_groups=[{name: a, patterns: [x]}]", "param_groups[0].learning_rate must be > 0"),
+    ("optimizer.param_groups=[{name: a, patterns: [x], learning_rat: 1e-3}]", "did you mean 'learning_rate'"),
+    ("optimizer.lr_multipliers={vision: 0.1}", "not both"),
+])
+def test_static_mistakes_fail_when_the_config_loads(override, message):
+    extra = ["optimizer.param_groups=[{name: p, patterns: [x], learning_rate: 1e-3}]"] if "multipliers" in override else []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(os.path.join(ROOT, "configs/tiny_test.yaml"), [*extra, override])
+
+
+def _env(devices: int | None = None):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    if devices is not None:  # fewer fake CPU devices than the suite's 8: a smaller program to compile
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", ""))
+        e["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    return e
+
+
+def test_the_train_cli_shows_a_pattern_that_matches_nothing_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.train", "--config", "configs/tiny_test.yaml",
+                           r"training.trainable=['^vision_model\.patch_embedding']", "logging.tensorboard=false",
+                           f"training.output_dir={tmp_path / 'run'}"], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        r"error: training.trainable: pattern '^vision_model\.patch_embedding' matches no parameter (paths look "
+        "like abstractor.layers.0.attention.key.bias, language_model.embed_tokens, vision_model.cls_token)"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# A tiny LLaVA end to end: stage 1 (projector) on caption shards, stage 2 (projector + LLM) from its
+# checkpoint, both through the train CLI, then generation from the run
+# --------------------------------------------------------------------------------------------------------
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def _picture(name: str, rng) -> Image.Image:
+    return Image.fromarray(np.clip(np.array(COLOURS[name]) + rng.normal(0, 20, (56, 56, 3)), 0, 255).astype(np.uint8))
+
+
+def test_tiny_llava_stage1_then_stage2_then_generation(tmp_path):
+    from data_pipelines.writer import write_caption_shards
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    write_caption_shards(((f"{i:05d}", _picture(names[i % 3], rng), f"a {names[i % 3]} picture") for i in range(16)),
+                         str(tmp_path / "c-%03d.tar"), 8)
+    (tmp_path / "images").mkdir()
+    records = []
+    for i in range(16):
+        _picture(names[i % 3], rng).save(tmp_path / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": names[i % 3]}]})
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    common = [*TINY_LLAVA, "data.num_workers=0", "data.global_batch_size=4", "data.images_per_batch=4",
+              "data.seq_len=48", "training.steps=2", "training.checkpoint_every=2", "logging.tensorboard=false",
+              "logging.progress=false", "mesh.fsdp=1"]
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    runs = {
+        stage1: ["training.stage=llava_stage1", f"data.train_paths=['{tmp_path}/c-{{000..001}}.tar']"],
+        stage2: ["training.stage=llava_stage2", "data.kind=instructions", "data.template=vicuna_v1",
+                 "data.system_prompt=''",
+                 f"data.sources=[{{name: chat, path: '{tmp_path / 'chat.json'}', format: llava, "
+                 f"image_root: '{tmp_path / 'images'}'}}]", f"init.from_checkpoint={stage1}",
+                 # a learning-rate group, saved and restored with the run (its optimizer state included)
+                 r"optimizer.param_groups=[{name: projector, patterns: ['^projector\.'], learning_rate: 1e-4}]"],
+    }
+    for (run_dir, overrides), leaves in zip(runs.items(), ("stage llava_stage1: 4", "stage llava_stage2: 25")):
+        proc = subprocess.run([sys.executable, "-m", "owl_jax.train", "--config", "configs/tiny_test.yaml", *common,
+                               *overrides, f"training.output_dir={run_dir}"], cwd=ROOT, env=_env(devices=1),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"({leaves} trainable leaves" in proc.stdout and "done: step 2" in proc.stdout
+    logged = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["learning_rate/projector"] for r in logged if "loss" in r] == pytest.approx([1e-4, 1e-4])
+    from owl_jax.checkpoint import load_run
+    cfg1, m1 = load_run(stage1)
+    cfg2, m2 = load_run(stage2)
+    assert (cfg1.training.stage, cfg2.training.stage) == ("llava_stage1", "llava_stage2")
+    init = canonical_params(build_model(cfg1.model, seed=cfg1.training.seed))
+    p1, p2 = canonical_params(m1), canonical_params(m2)
+    for name in init:  # stage 1 moved the projector alone; stage 2 the projector and the LLM, not the tower
+        part = _parts(name)
+        assert np.array_equal(p1[name], init[name]) == (part != "connector"), name
+        assert np.array_equal(p2[name], p1[name]) == (part == "vision"), name
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.generate", "--checkpoint", str(stage2), "--image",
+                           str(tmp_path / "images" / "0.png"), "--prompt", "What colour is it?",
+                           "--max-new-tokens", "3"], cwd=ROOT, env=_env(devices=1), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.count("\n") == 1  # the answer (greedy, 3 tokens at most, of a model trained 2+2 steps)
