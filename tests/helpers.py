@@ -64,3 +64,30 @@ def random_canonical_params(shapes: dict, seed: int) -> dict[str, np.ndarray]:
             x = 0.5 * x
         out[name] = x.astype(np.float32)
     return out
+
+
+def image_train_batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0) -> dict:
+    """A host train batch for any connector: random tokens with `images[r]` image slots in row r (spliced
+    as the pipelines place them), a next-token loss on the text, random pixels; with an InstructBLIP
+    Q-Former, random instruction tokens per image slot (padded with -1)."""
+    from owl_jax.models.splice import plan_image_slots
+    rng = np.random.default_rng(seed)
+    tpi = cfg.model.tokens_per_image
+    ids = rng.integers(3, cfg.model.text.vocab_size, size=(rows, seq))
+    for r, n in enumerate(images):
+        for j in range(n):
+            ids[r, 1 + j * (tpi + 1):1 + j * (tpi + 1) + tpi] = -1
+    index = plan_image_slots(ids, np.array(images), tokens_per_image=tpi, image_budget=budget)
+    size = cfg.model.vision.image_size
+    mask = (ids >= 0) & (np.roll(ids, -1, axis=1) >= 0)
+    mask[:, -1] = False
+    batch = dict(tokens=ids.astype(np.int32), targets=np.roll(ids, -1, axis=1).clip(0).astype(np.int32),
+                 loss_mask=mask, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
+                 segment_ids=np.ones_like(ids, dtype=np.int32), image_index=index,
+                 pixel_values=rng.normal(size=(budget, size, size, 3)).astype(np.float32))
+    if cfg.model.connector == "qformer" and cfg.model.qformer.text_input:
+        length = cfg.model.qformer.max_text_len
+        text = rng.integers(0, cfg.model.qformer.vocab_size, size=(budget, length)).astype(np.int32)
+        text[np.arange(length)[None] >= rng.integers(1, length, size=(budget, 1))] = -1
+        batch["qformer_tokens"] = text
+    return batch

@@ -13,7 +13,6 @@ must not depend on it, and owl-jax drops it.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
@@ -30,7 +29,7 @@ from owl_jax.convert.keymap import CheckpointMismatchError  # noqa: E402
 from owl_jax.convert.state import assign_canonical_params, canonical_params, canonical_shapes  # noqa: E402
 from owl_jax.models.owl import build_model  # noqa: E402
 from owl_jax.models.splice import plan_image_slots  # noqa: E402
-from helpers import max_err, random_canonical_params, randomize_  # noqa: E402
+from helpers import image_train_batch, max_err, random_canonical_params, randomize_  # noqa: E402
 
 ATOL = 1e-4
 VOCAB, IMAGE_TOKEN, QUERIES = 512, 511, 8
@@ -415,29 +414,6 @@ def _train_cfg(kind: str, stage: str, *extra):
     return cfg
 
 
-def _train_batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0):
-    rng = np.random.default_rng(seed)
-    tpi = cfg.model.tokens_per_image
-    ids = rng.integers(3, cfg.model.text.vocab_size, size=(rows, seq))
-    for r, n in enumerate(images):
-        for j in range(n):
-            ids[r, 1 + j * (tpi + 1):1 + j * (tpi + 1) + tpi] = -1
-    index = plan_image_slots(ids, np.array(images), tokens_per_image=tpi, image_budget=budget)
-    size = cfg.model.vision.image_size
-    mask = (ids >= 0) & (np.roll(ids, -1, axis=1) >= 0)
-    mask[:, -1] = False
-    batch = dict(tokens=ids.astype(np.int32), targets=np.roll(ids, -1, axis=1).clip(0).astype(np.int32),
-                 loss_mask=mask, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
-                 segment_ids=np.ones_like(ids, dtype=np.int32), image_index=index,
-                 pixel_values=rng.normal(size=(budget, size, size, 3)).astype(np.float32))
-    if cfg.model.qformer.text_input:
-        length = cfg.model.qformer.max_text_len
-        text = rng.integers(0, cfg.model.qformer.vocab_size, size=(budget, length)).astype(np.int32)
-        text[np.arange(length)[None] >= rng.integers(1, length, size=(budget, 1))] = -1
-        batch["qformer_tokens"] = text
-    return batch
-
-
 def test_stage1_trains_the_qformer_only_and_reads_the_instruction_on_a_mesh():
     """`pretrain` with the Q-Former trains `qformer.*` (queries, layers, text embeddings, projection); the tower
     and the LLM stay bit-identical; the batch's `qformer_tokens` reach the loss (their embeddings train);
@@ -449,7 +425,7 @@ def test_stage1_trains_the_qformer_only_and_reads_the_instruction_on_a_mesh():
     # a full ±lr step where the gradient is ~0, e.g. every key bias (softmax removes the q·b_k it adds).
     cfg = _train_cfg("instructblip", "pretrain", "optimizer.eps=1.0", "model.qformer.num_layers=2",
                      "model.vision.num_layers=1", "model.text.num_layers=1")  # fewer layers: faster compiles
-    batch = _train_batch(cfg)
+    batch = image_train_batch(cfg)
     results = []
     for shape in ((1, 1, 1), (1, 2, 2)):
         c = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=shape[0], fsdp=shape[1], tensor=shape[2]))
@@ -480,7 +456,7 @@ def test_compiled_step_flops_match_the_analytic_count(kind, stage):
                      "model.qformer.hidden_size=256", "model.qformer.intermediate_size=512",
                      "model.text.hidden_size=512", "model.text.intermediate_size=1024", "model.text.vocab_size=2048",
                      "model.loss_chunk_size=0", "model.lora.rank=4", "mesh.fsdp=1")
-    batch = _train_batch(cfg, rows=8, seq=128, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
+    batch = image_train_batch(cfg, rows=8, seq=128, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
     graphdef, abstract_state, _, schedule, _ = abstract_train_state(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     step = make_step_function(graphdef, cfg, schedule)
     compiled = jax.jit(step).lower(abstract_state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

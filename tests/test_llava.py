@@ -30,7 +30,7 @@ from owl_jax.convert.state import (StateMismatchError, assign_canonical_params, 
                                    canonical_shapes)
 from owl_jax.models.owl import build_model  # noqa: E402
 from owl_jax.models.splice import plan_image_slots  # noqa: E402
-from helpers import max_err, random_canonical_params, randomize_  # noqa: E402
+from helpers import image_train_batch, max_err, random_canonical_params, randomize_  # noqa: E402
 
 ATOL = 1e-4
 VOCAB, IMAGE_TOKEN = 512, 511
@@ -374,23 +374,6 @@ def _train_cfg(stage: str, *extra):
     return cfg
 
 
-def _train_batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0):
-    rng = np.random.default_rng(seed)
-    tpi = cfg.model.tokens_per_image
-    ids = rng.integers(3, cfg.model.text.vocab_size, size=(rows, seq))
-    for r, n in enumerate(images):
-        for j in range(n):
-            ids[r, 1 + j * (tpi + 1):1 + j * (tpi + 1) + tpi] = -1
-    index = plan_image_slots(ids, np.array(images), tokens_per_image=tpi, image_budget=budget)
-    size = cfg.model.vision.image_size
-    mask = (ids >= 0) & (np.roll(ids, -1, axis=1) >= 0)
-    mask[:, -1] = False
-    return dict(tokens=ids.astype(np.int32), targets=np.roll(ids, -1, axis=1).clip(0).astype(np.int32),
-                loss_mask=mask, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
-                segment_ids=np.ones_like(ids, dtype=np.int32), image_index=index,
-                pixel_values=rng.normal(size=(budget, size, size, 3)).astype(np.float32))
-
-
 def test_stage1_trains_the_projector_only_on_a_mesh():
     """`pretrain` on a LLaVA model is LLaVA stage 1: the projector trains, the tower and the LLM stay
     bit-identical; sharded over 4 devices it equals one device."""
@@ -398,7 +381,7 @@ def test_stage1_trains_the_projector_only_on_a_mesh():
     from owl_jax.sharding import make_mesh
     from owl_jax.training.train_step import create_trainer
     cfg = _train_cfg("pretrain")
-    batch = _train_batch(cfg)
+    batch = image_train_batch(cfg)
     results = []
     for shape in ((1, 1, 1), (1, 2, 2)):
         c = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=shape[0], fsdp=shape[1], tensor=shape[2]))
@@ -437,7 +420,7 @@ def test_compiled_step_flops_match_the_analytic_count(stage):
     cfg = _train_cfg(stage, "model.vision.hidden_size=256", "model.vision.intermediate_size=1024",
                      "model.text.hidden_size=512", "model.text.intermediate_size=1024", "model.text.vocab_size=2048",
                      "model.loss_chunk_size=0", "model.lora.rank=4", "mesh.fsdp=1")
-    batch = _train_batch(cfg, rows=8, seq=128, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
+    batch = image_train_batch(cfg, rows=8, seq=128, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
     graphdef, abstract_state, _, schedule, _ = abstract_train_state(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
     step = make_step_function(graphdef, cfg, schedule)
     compiled = jax.jit(step).lower(abstract_state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

@@ -5,7 +5,6 @@ trainable leaves, per group; each group's learning rate in the metrics and in th
 step; one-line errors for patterns that select nothing; and a tiny LLaVA through the train CLI (stage 1,
 stage 2 from its checkpoint, generation from the run)."""
 
-import dataclasses
 import json
 import os
 import re
@@ -23,8 +22,9 @@ from owl_jax.convert.state import canonical_params
 from owl_jax.models.layers import path_str, user_path
 from owl_jax.models.owl import build_model
 from owl_jax.sharding import make_mesh
-from owl_jax.training.stages import PRESETS, STAGES, StageError, resolve_trainable
+from owl_jax.training.stages import PRESETS, STAGES, resolve_trainable
 from owl_jax.training.train_step import abstract_train_state, create_trainer
+from helpers import image_train_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/model/tiny_llava.yaml on top of the tiny training recipe (as tests/test_llava.py)
@@ -120,24 +120,6 @@ def test_patterns_replace_the_preset_and_exclusions_apply():
 # --------------------------------------------------------------------------------------------------------
 
 
-def _batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0):
-    from owl_jax.models.splice import plan_image_slots
-    rng = np.random.default_rng(seed)
-    tpi = cfg.model.tokens_per_image
-    ids = rng.integers(3, cfg.model.text.vocab_size, size=(rows, seq))
-    for r, n in enumerate(images):
-        for j in range(n):
-            ids[r, 1 + j * (tpi + 1):1 + j * (tpi + 1) + tpi] = -1
-    index = plan_image_slots(ids, np.array(images), tokens_per_image=tpi, image_budget=budget)
-    size = cfg.model.vision.image_size
-    mask = (ids >= 0) & (np.roll(ids, -1, axis=1) >= 0)
-    mask[:, -1] = False
-    return dict(tokens=ids.astype(np.int32), targets=np.roll(ids, -1, axis=1).clip(0).astype(np.int32),
-                loss_mask=mask, positions=np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape).copy(),
-                segment_ids=np.ones_like(ids, dtype=np.int32), image_index=index,
-                pixel_values=rng.normal(size=(budget, size, size, 3)).astype(np.float32))
-
-
 def _mu_paths(opt_state) -> list[str]:
     """Parameter paths of Adam's first moments."""
     out = set()
@@ -157,7 +139,7 @@ def _mu_paths(opt_state) -> list[str]:
 ], ids=["owl_stage2_paper", "llava_stage2", "llava_lora", "patterns"])
 def test_frozen_leaves_stay_bit_identical_and_every_trainable_leaf_moves(family, overrides):
     cfg = tiny(family, *overrides, "optimizer.learning_rate=1e-2", "optimizer.weight_decay=0.01")
-    batch = _batch(cfg)
+    batch = image_train_batch(cfg)
     trainer = create_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), batch_example=batch)
     before = {k: np.asarray(v) for k, v in canonical_params(trainer.model()).items()}
     losses = [float(trainer.step(trainer.put_batch(batch))["loss"]) for _ in range(2)]  # LoRA a moves at step 2
@@ -175,7 +157,7 @@ def test_each_group_trains_at_its_own_learning_rate():
     cfg = tiny("llava", "training.stage=llava_lora", ALL_LINEAR, "optimizer.learning_rate=1e-2",
                "optimizer.weight_decay=0.0", "optimizer.eps=1e-12", "optimizer.grad_clip_norm=0.0",
                r"optimizer.param_groups=[{name: projector, patterns: ['^projector\.'], learning_rate: 1e-3}]")
-    batch = _batch(cfg)
+    batch = image_train_batch(cfg)
     trainer = create_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1]), batch_example=batch)
     before = {k: np.asarray(v) for k, v in canonical_params(trainer.model()).items()}
     metrics = jax.device_get(trainer.step(trainer.put_batch(batch)))
