@@ -42,10 +42,11 @@ def test_compiled_step_flops_match_the_analytic_count(stage):
     ("owl", [r"training.trainable=['^vision_model\.layers\.1\.', '^language_model\.layers\.1\.mlp\.']"]),
 ], ids=["owl_stage2_paper", "llava_stage2", "llava_lora", "patterns"])
 def test_compiled_flops_follow_the_configured_trainable_set(family, overrides):
-    from test_trainable import TINY_LLAVA, _batch
+    from helpers import image_train_batch
+    from test_trainable import TINY_LLAVA
     cfg = load_config("configs/tiny_test.yaml", [*SMALL, *(TINY_LLAVA if family == "llava" else []), *overrides])
     if family == "llava":
-        batch = _batch(cfg, rows=ROWS, seq=SEQ, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
+        batch = image_train_batch(cfg, rows=ROWS, seq=SEQ, images=(1, 2, 0, 1, 1, 0, 2, 1), budget=8)
     else:
         batch, _ = make_batch(cfg, rows=ROWS, seq=SEQ)
     graphdef, abstract_state, _, schedule, _ = abstract_train_state(cfg, make_mesh(cfg.mesh, jax.devices()[:1]))
