@@ -66,6 +66,16 @@ def random_canonical_params(shapes: dict, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def random_model(cfg, seed: int):
+    """An owl-jax model of the ModelConfig `cfg` with every parameter drawn by `random_canonical_params`
+    (no parameter left at an init value a wrong conversion could still reproduce)."""
+    from owl_jax.convert.state import assign_canonical_params, canonical_shapes
+    from owl_jax.models.owl import build_model
+    model = build_model(cfg)
+    assign_canonical_params(model, random_canonical_params(canonical_shapes(model), seed))
+    return model
+
+
 def image_train_batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0) -> dict:
     """A host train batch for any connector: random tokens with `images[r]` image slots in row r (spliced
     as the pipelines place them), a next-token loss on the text, random pixels; with an InstructBLIP

@@ -26,10 +26,10 @@ from flax import nnx  # noqa: E402
 from owl_jax.config import ConfigError, load_config  # noqa: E402
 from owl_jax.convert import blip2  # noqa: E402
 from owl_jax.convert.keymap import CheckpointMismatchError  # noqa: E402
-from owl_jax.convert.state import assign_canonical_params, canonical_params, canonical_shapes  # noqa: E402
+from owl_jax.convert.state import canonical_params  # noqa: E402
 from owl_jax.models.owl import build_model  # noqa: E402
 from owl_jax.models.splice import plan_image_slots  # noqa: E402
-from helpers import image_train_batch, max_err, random_canonical_params, randomize_  # noqa: E402
+from helpers import image_train_batch, max_err, random_model, randomize_  # noqa: E402
 
 ATOL = 1e-4
 VOCAB, IMAGE_TOKEN, QUERIES = 512, 511, 8
@@ -299,18 +299,12 @@ def test_a_config_that_disagrees_is_refused(hf_cases):
                          load_config("configs/model/tiny.yaml").model, case["dir"])
 
 
-def _random_model(cfg, seed: int):
-    model = build_model(cfg)
-    assign_canonical_params(model, random_canonical_params(canonical_shapes(model), seed))
-    return model
-
-
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_export_loads_in_transformers_and_round_trips(kind, tmp_path):
     from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
     from owl_jax.export import export_model
     cfg = load_config(CONFIGS[kind]).model
-    model = _random_model(cfg, seed=3)
+    model = random_model(cfg, seed=3)
     export_model(model, cfg, tmp_path, f"{kind}-hf", dtype="float32")
     cls = Blip2ForConditionalGeneration if kind == "blip2" else InstructBlipForConditionalGeneration
     hf = cls.from_pretrained(tmp_path, local_files_only=True).eval()

@@ -45,7 +45,7 @@ from owl_jax.convert.stream import stream_params  # noqa: E402
 from owl_jax.export import ExportError, export_model, main, merge_adapters  # noqa: E402
 from owl_jax.models.owl import build_model  # noqa: E402
 from owl_jax.sharding import make_mesh, state_shardings  # noqa: E402
-from helpers import assert_same_tensors, max_err, random_canonical_params, same_bits  # noqa: E402
+from helpers import assert_same_tensors, max_err, random_canonical_params, random_model, same_bits  # noqa: E402
 
 ATOL = 1e-4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,8 +285,7 @@ def test_hf_llama_export_of_gqa_llama3_tied_model(official, tmp_path):
                                                               high_freq_factor=4.0,
                                                               original_max_position_embeddings=64))
     cfg = dataclasses.replace(golden_cfg, text=text)
-    model = build_model(cfg)
-    assign_canonical_params(model, random_canonical_params(canonical_shapes(model), seed=5))
+    model = random_model(cfg, seed=5)
     model.eval()
     export_model(model, cfg, tmp_path, "hf-llama", dtype="float32")
     assert "lm_head.weight" not in load_tensors(tmp_path)

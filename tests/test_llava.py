@@ -26,11 +26,11 @@ from flax import nnx  # noqa: E402
 from owl_jax.config import ConfigError, load_config  # noqa: E402
 from owl_jax.convert import llava  # noqa: E402
 from owl_jax.convert.keymap import CheckpointMismatchError  # noqa: E402
-from owl_jax.convert.state import (StateMismatchError, assign_canonical_params, canonical_params,  # noqa: E402
+from owl_jax.convert.state import (StateMismatchError, canonical_params,  # noqa: E402
                                    canonical_shapes)
 from owl_jax.models.owl import build_model  # noqa: E402
 from owl_jax.models.splice import plan_image_slots  # noqa: E402
-from helpers import image_train_batch, max_err, random_canonical_params, randomize_  # noqa: E402
+from helpers import image_train_batch, max_err, random_model, randomize_  # noqa: E402
 
 ATOL = 1e-4
 VOCAB, IMAGE_TOKEN = 512, 511
@@ -316,18 +316,12 @@ def test_wrong_checkpoints_are_refused_before_loading(hf_cases):
                          load_config("configs/model/tiny.yaml").model, case["dir"])
 
 
-def _random_model(cfg, seed: int):
-    model = build_model(cfg)
-    assign_canonical_params(model, random_canonical_params(canonical_shapes(model), seed))
-    return model
-
-
 @pytest.mark.parametrize("connector, layer, strategy", [("mlp2x_gelu", -2, "default"), ("linear", [1, -2], "full")])
 def test_export_loads_in_transformers_and_round_trips(connector, layer, strategy, tmp_path):
     from transformers import LlavaForConditionalGeneration
     from owl_jax.export import export_model
     cfg = _owl_cfg(connector, layer, strategy)
-    model = _random_model(cfg, seed=3)
+    model = random_model(cfg, seed=3)
     export_model(model, cfg, tmp_path, "llava-hf", dtype="float32")
     hf = LlavaForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True).eval()
     assert hf.config.image_seq_length == cfg.tokens_per_image
