@@ -63,6 +63,18 @@ class AnswerLog:
             self._read()
         self._file = open(self.path, "a", encoding="utf-8")
 
+    def check_belongs(self, keys, model_id: str, what: str = "these questions") -> None:
+        """OutputError unless every answer already in the file is to one of `keys` and by `model_id`: a
+        re-run resumes its own answers, never another evaluation's (nothing is overwritten)."""
+        for key, record in self.done.items():
+            if key not in keys:
+                raise OutputError(f"{self.path} holds an answer to {key}, which is not among {what}; "
+                                  "choose another --out or delete it")
+            if record.get("model_id") != model_id:
+                raise OutputError(f"{self.path} holds answers of model_id {record.get('model_id')!r}, not "
+                                  f"{model_id!r}; choose another --out, delete it, or pass --model-id "
+                                  f"{record.get('model_id')} to resume")
+
     def _read(self) -> None:
         data = self.path.read_bytes()
         lines = data.split(b"\n")

@@ -542,15 +542,9 @@ def _resumable(log, questions: list[dict], model_id: str) -> dict[str, str]:
     """{answer_key: answer} of the answers an earlier run left in `log`, after checking that they belong to
     this evaluation (the same questions and model_id); ValueError otherwise (nothing is overwritten)."""
     from owl_jax.answer_log import OutputError
-    keys = {answer_key(q["question_id"]) for q in questions}
+    log.check_belongs({answer_key(q["question_id"]) for q in questions}, model_id)
     answered = {}
     for key, r in log.done.items():
-        if key not in keys:
-            raise OutputError(f"{log.path} holds an answer to question_id {key}, which is not among these "
-                              "questions; choose another --out or delete it")
-        if r.get("model_id") != model_id:
-            raise OutputError(f"{log.path} holds answers of model_id {r.get('model_id')!r}, not {model_id!r}; "
-                              f"choose another --out, delete it, or pass --model-id {r.get('model_id')} to resume")
         if not isinstance(r.get("answer"), str):
             raise OutputError(f"{log.path}: the answer to question_id {key} is not a string")
         answered[key] = r["answer"]

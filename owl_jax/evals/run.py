@@ -156,13 +156,8 @@ def _resumable(log, bench: Benchmark, questions, prompts, keys, model_id: str) -
     recorded prompts, `Benchmark.recorded_prompt`); OutputError otherwise."""
     from owl_jax.answer_log import OutputError
     index = {k: i for i, k in enumerate(keys)}
+    log.check_belongs(index, model_id, f"these {bench.name} questions")
     for key, r in log.done.items():
-        if key not in index:
-            raise OutputError(f"{log.path} holds an answer to {key}, which is not among these {bench.name} "
-                              "questions; choose another --out or delete it")
-        if r.get("model_id") != model_id:
-            raise OutputError(f"{log.path} holds answers of model_id {r.get('model_id')!r}, not {model_id!r}; "
-                              f"choose another --out, delete it, or pass --model-id {r.get('model_id')} to resume")
         if r.get("prompt") != prompts[index[key]]:
             raise OutputError(f"{log.path}: the answer to {key} was asked with another prompt (another "
                               "--prompt-suffix?); choose another --out or delete it")
