@@ -159,52 +159,46 @@ class Template:
         raise NotImplementedError
 
 
+def _grouped_turns(conv: Conversation) -> list[tuple[str, list[str]]]:
+    """(role, texts) per message: consecutive human turns (an image is a human turn of its own in a
+    `Conversation`) form one message; each AI turn is a message of its own."""
+    out: list[tuple[str, list[str]]] = []
+    for turn in conv.turns:
+        if turn.role == HUMAN and out and out[-1][0] == HUMAN:
+            out[-1][1].append(turn.text)
+        else:
+            out.append((turn.role, [turn.text]))
+    return out
+
+
 def _human_messages(conv: Conversation) -> list[tuple[str, int, str]]:
     """(role, images, text) per message: consecutive human turns form one message, its `<image>` tags
-    counted and removed, its texts joined with '\\n' and stripped; AI turns as they are (0 images)."""
+    counted and removed, its texts joined with '\n' and stripped; AI turns as they are (0 images)."""
     out: list[tuple[str, int, str]] = []
-    block: list[str] = []
-
-    def close() -> None:
-        if block:
-            n = sum(t.count(IMAGE_TAG) for t in block)
-            text = "\n".join(t.replace(IMAGE_TAG, "").strip() for t in block)
-            out.append((HUMAN, n, "\n".join(line for line in text.split("\n") if line.strip()).strip()))
-            block.clear()
-
-    for turn in conv.turns:
-        if turn.role == HUMAN:
-            block.append(turn.text)
-        else:
-            close()
-            out.append((AI, 0, turn.text))
-    close()
+    for role, texts in _grouped_turns(conv):
+        if role != HUMAN:
+            out.append((AI, 0, texts[0]))
+            continue
+        n = sum(t.count(IMAGE_TAG) for t in texts)
+        text = "\n".join(t.replace(IMAGE_TAG, "").strip() for t in texts)
+        out.append((HUMAN, n, "\n".join(line for line in text.split("\n") if line.strip()).strip()))
     return out
 
 
 def _messages(conv: Conversation) -> list[tuple[str, str]]:
-    """LLaVA's messages of a conversation: consecutive human turns (an image is a human turn of its own in a
-    `Conversation`) become one message, its images first as `preprocess_multimodal` puts them
-    (`<image>\\n` + the text without the tags, stripped); AI turns stay as they are."""
+    """LLaVA's messages of a conversation (`_grouped_turns`), a human message's images first as
+    `preprocess_multimodal` puts them (`<image>\\n` + the text without the tags, stripped); AI turns stay as
+    they are."""
     out: list[tuple[str, str]] = []
-    block: list[str] = []
-
-    def close() -> None:
-        if block:
-            text = "\n".join(t for t in block if t != IMAGE_TAG)
-            n = sum(t.count(IMAGE_TAG) for t in block)
-            if n:
-                text = (f"{IMAGE_TAG}\n" * n + text.replace(IMAGE_TAG, "").strip()).strip()
-            out.append((HUMAN, text))
-            block.clear()
-
-    for turn in conv.turns:
-        if turn.role == HUMAN:
-            block.append(turn.text)
-        else:
-            close()
-            out.append((AI, turn.text))
-    close()
+    for role, texts in _grouped_turns(conv):
+        if role != HUMAN:
+            out.append((AI, texts[0]))
+            continue
+        text = "\n".join(t for t in texts if t != IMAGE_TAG)
+        n = sum(t.count(IMAGE_TAG) for t in texts)
+        if n:
+            text = (f"{IMAGE_TAG}\n" * n + text.replace(IMAGE_TAG, "").strip()).strip()
+        out.append((HUMAN, text))
     return out
 
 
