@@ -290,8 +290,13 @@ def _sentencepiece_tokenizer_config(path: Path, cfg: ModelConfig) -> dict:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
+    from owl_jax.paths import OutputPathError, check_writable_dir
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a directory")
+    try:  # a read-only target or a file on the way fails here, before the checkpoint is read
+        check_writable_dir(out, "--out", create=False)
+    except OutputPathError as e:
+        raise ExportError(str(e)) from None
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ExportError(f"--out {out} exists and is not empty; choose a new directory or pass --force "

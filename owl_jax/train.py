@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -311,15 +312,14 @@ def _skip_counts(pipeline, multi_process: bool) -> dict[str, int]:
     counts = dict(pipeline.skip_counts()) if hasattr(pipeline, "skip_counts") else {}
     if not multi_process:
         return {k: int(v) for k, v in sorted(counts.items()) if v}
-    import json as _json
     from jax.experimental import multihost_utils
     size = 4096  # bytes of JSON per process: the reasons are a handful of short names
-    blob = _json.dumps(counts).encode()[:size]
+    blob = json.dumps(counts).encode()[:size]
     padded = np.zeros(size, np.uint8)
     padded[:len(blob)] = np.frombuffer(blob, np.uint8)
     total: dict[str, int] = {}
     for row in np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, size):
-        for k, v in _json.loads(bytes(row).rstrip(b"\0").decode() or "{}").items():
+        for k, v in json.loads(bytes(row).rstrip(b"\0").decode() or "{}").items():
             total[k] = total.get(k, 0) + int(v)
     return {k: v for k, v in sorted(total.items()) if v}
 
