@@ -34,7 +34,10 @@ from owl_jax.config import load_config
 
 RECIPES = {"stage1": "configs/owl_llama7b_stage1.yaml", "stage2": "configs/owl_llama7b_stage2_lora.yaml",
            "llava15_stage1": "configs/llava15_7b_stage1.yaml", "llava15_stage2": "configs/llava15_7b_stage2.yaml",
-           "llava15_lora": "configs/llava15_7b_lora.yaml"}
+           "llava15_lora": "configs/llava15_7b_lora.yaml",
+           "minigpt4_stage1": "configs/minigpt4_vicuna7b_stage1.yaml",
+           "minigpt4_stage2": "configs/minigpt4_vicuna7b_stage2.yaml",
+           "instructblip": "configs/instructblip_vicuna7b.yaml"}
 TOPOLOGIES = ["v4-32", "v5e-64", "v5p-32", "v6e-32"]
 # XLA's out-of-HBM messages: "... Used 19.80G of 15.75G hbm ..." or "... the total memory required for HLO
 # temporaries (139.40G) exceeds available HBM (15.75G)" (the latter counts temporaries only)
@@ -105,8 +108,11 @@ def flops_row(recipe: str, topology: str, layers: int) -> dict:
 
 def _valid_accums(recipe: str, topology: str) -> list[int]:
     """grad_accum_steps values (powers of two) whose micro-batch splits evenly over the chips."""
+    from owl_jax.sharding import resolve_mesh_shape
     cfg = load_config(RECIPES[recipe])
-    _, chips, _ = aot.parse_topology(topology)
+    _, num_chips, _ = aot.parse_topology(topology)
+    data, fsdp, _ = resolve_mesh_shape(cfg.mesh, num_chips)
+    chips = data * fsdp  # the batch is split over data x fsdp (tensor-parallel chips share rows)
     out, k = [], 1
     while k <= cfg.data.global_batch_size:
         rows, images = cfg.data.global_batch_size // k, cfg.data.images_per_batch // k

@@ -100,19 +100,24 @@ class ChatSession:
     and its answer (so batched callers can generate in between); `stop_strings` are the template's."""
 
     def __init__(self, tokenizer, *, tokens_per_image: int, system: str, max_context: int,
-                 template: Template | str | None = None):
+                 template: Template | str | None = None, qformer_tokenizer=None):
         self.tokenizer, self.tokens_per_image = tokenizer, tokens_per_image
         self.system, self.max_context = system, max_context
         self.template = get_template(template)
+        # InstructBLIP: each image's instruction (the text of its human message) also goes to the Q-Former.
+        self.qformer_tokenizer = qformer_tokenizer
         self.turns: list[tuple[str, str]] = []
         self.images: list[np.ndarray] = []
 
     @classmethod
     def for_config(cls, cfg: "Config", tokenizer, *, system: str | None = None) -> "ChatSession":
         """A session with the model's image slots and context (`max_position_embeddings`), its template
-        (`data.template`) and the system prompt of `system_prompt(cfg, system)`."""
+        (`data.template`), the system prompt of `system_prompt(cfg, system)` and, for a Q-Former that reads
+        the instruction, `data.qformer_tokenizer`."""
+        from owl_jax.data import qformer_tokenizer_for
         return cls(tokenizer, tokens_per_image=cfg.model.tokens_per_image, system=system_prompt(cfg, system),
-                   max_context=cfg.model.text.max_position_embeddings, template=template_for(cfg))
+                   max_context=cfg.model.text.max_position_embeddings, template=template_for(cfg),
+                   qformer_tokenizer=qformer_tokenizer_for(cfg))
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -156,7 +161,18 @@ class ChatSession:
             raise ChatError(f"the prompt is {len(tokens)} tokens, which leaves no room in the context of "
                             f"{self.max_context}")
         pixels = np.stack(self.images) if self.images else None
-        return Prompt(tokens, pixels, max_new_tokens=self.max_context - len(tokens))
+        return Prompt(tokens, pixels, max_new_tokens=self.max_context - len(tokens),
+                      qformer_tokens=self._qformer_tokens([*turns, (HUMAN, question)]))
+
+    def _qformer_tokens(self, turns) -> tuple[np.ndarray, ...] | None:
+        """Each image's instruction ids for the Q-Former, exactly as the training pipeline derives them
+        (`Template.image_instructions`: the text of the human message holding the image)."""
+        if self.qformer_tokenizer is None or not self.images:
+            return None
+        from data_pipelines.conversation import Conversation, Turn
+        conv = Conversation(tuple(Turn(*t) for t in turns), ("image",) * len(self.images), self.system)
+        return tuple(np.asarray(self.qformer_tokenizer.encode(text), np.int32)
+                     for text in self.template.image_instructions(conv))
 
     def record(self, question: str, answer: str) -> str:
         """Append the turn; returns the cleaned answer (an empty answer leaves only the question)."""

@@ -165,6 +165,7 @@ def reference_logits(directory: Path, kind: str, inputs: Inputs) -> np.ndarray:
 def make_inputs(args, loaded, *, text_only: bool, image_token: int | None, vocab: int) -> Inputs:
     """The sequence both sides run: the prompt in the model's template, or random ids around the images."""
     from owl_jax.chat import ChatError, ChatSession, read_image
+    from owl_jax.config import ConfigError
     m = loaded.config.model
     rng = np.random.default_rng(args.seed)
     size = m.vision.image_size
@@ -178,10 +179,15 @@ def make_inputs(args, loaded, *, text_only: bool, image_token: int | None, vocab
     else:
         pixels = rng.normal(size=(1, size, size, 3)).astype(np.float32)
     n = 0 if pixels is None else len(pixels)
+    qformer_prompt = None
     if args.prompt is not None:
         if loaded.tokenizer is None:
             raise CheckError(f"{args.checkpoint} has no tokenizer to encode --prompt with: pass --tokenizer")
-        chat = ChatSession.for_config(loaded.config, loaded.tokenizer)
+        try:
+            chat = ChatSession.for_config(loaded.config, loaded.tokenizer)
+        except ConfigError:  # InstructBLIP without its Q-Former tokenizer: random instruction ids below
+            chat = ChatSession.for_config(dataclasses.replace(loaded.config, model=dataclasses.replace(
+                m, qformer=dataclasses.replace(m.qformer, text_input=False))), loaded.tokenizer)
         for p in (pixels if pixels is not None else []):
             chat.add_image(p)
         try:
@@ -190,6 +196,7 @@ def make_inputs(args, loaded, *, text_only: bool, image_token: int | None, vocab
             raise CheckError(str(e)) from None
         what = f"--prompt in the {chat.template.name} template"
         tokens = prompt.tokens
+        qformer_prompt = prompt.qformer_tokens
     else:
         high = min(vocab, image_token if image_token is not None and image_token > 3 else vocab)
         text = rng.integers(3, high, size=args.length).astype(np.int32)
@@ -205,7 +212,10 @@ def make_inputs(args, loaded, *, text_only: bool, image_token: int | None, vocab
     images = "" if not n else (f", {n} image{'s' * (n != 1)} x {m.tokens_per_image} slots "
                                f"({'--images' if args.images else f'random pixels, seed {args.seed}'})")
     qformer = None
-    if n and m.connector == "qformer" and m.qformer.text_input:  # InstructBLIP: the Q-Former's instruction
+    if n and args.prompt is not None and qformer_prompt is not None:  # InstructBLIP: the prompt's instruction
+        qformer = np.stack(qformer_prompt)  # one message holds every image: the same ids for each
+        images += f", the Q-Former reading --prompt ({qformer.shape[1]} WordPiece ids)"
+    elif n and m.connector == "qformer" and m.qformer.text_input:  # InstructBLIP: the Q-Former's instruction
         qformer = np.tile(rng.integers(3, m.qformer.vocab_size, size=QFORMER_TEXT_LEN).astype(np.int32), (n, 1))
         images += f", {QFORMER_TEXT_LEN} random Q-Former instruction ids per image"
     return Inputs(tokens, pixels, f"{len(tokens)} positions: {what}{images}", qformer)

@@ -378,11 +378,14 @@ class TrainingConfig:
     # The named trainable set (owl_jax/training/stages.py PRESETS, each with the recipe it comes from):
     # owl_stage1 (vision + abstractor), owl_stage2_lora (LoRA only: the released mPLUG-Owl code),
     # owl_stage2_paper (LoRA + abstractor: the paper), llava_stage1 (projector), llava_stage2 (projector +
-    # LLM), llava_lora (LoRA + projector), and the first release's names: pretrain (the connector's stage 1:
+    # LLM), llava_lora (LoRA + projector), minigpt4 (the Q-Former's language_projection only: MiniGPT-4's
+    # llama_proj, both stages), blip2_stage2 / instructblip (Q-Former + its queries + language_projection; ViT
+    # and LLM frozen), and the first release's names: pretrain (the connector's stage 1:
     # owl_stage1 or llava_stage1), instruct_lora (LoRA), instruct_full (LLM), lm_pretrain (LLM, text-only
     # batches: the one stage without images).
     stage: str = choice("pretrain", "instruct_lora", "instruct_full", "lm_pretrain", "owl_stage1", "owl_stage2_lora",
-                        "owl_stage2_paper", "llava_stage1", "llava_stage2", "llava_lora")
+                        "owl_stage2_paper", "llava_stage1", "llava_stage2", "llava_lora", "minigpt4",
+                        "blip2_stage2", "instructblip")
     # Path patterns of the trainable parameters, replacing the stage's preset (which then only says whether
     # batches carry images): regular expressions searched in user-facing parameter paths
     # (`language_model.layers.0.self_attn.q_proj.kernel`, `projector.linear_1.bias`; scanned stacks have no

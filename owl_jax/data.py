@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator, Mapping
 
 import jax
@@ -59,22 +60,36 @@ def reads_instructions(cfg: Config) -> bool:
     return cfg.model.connector == "qformer" and cfg.model.qformer.text_input
 
 
-def _qformer_text(cfg: Config) -> dict:
-    """The instruction pipeline's Q-Former tokenizer arguments (none unless `reads_instructions`)."""
+def qformer_tokenizer_for(cfg: Config):
+    """The Q-Former's WordPiece tokenizer of `data.qformer_tokenizer` (truncating at
+    `model.qformer.max_text_len`) when the model `reads_instructions`, else None; ConfigError (one line) if
+    it is unset, unreadable or larger than the Q-Former's vocabulary. Loaded once per (path, length):
+    evaluation and serving open a chat session per question."""
     if not reads_instructions(cfg):
-        return {}
-    from data_pipelines.tokenizers import WordPieceTokenizer
+        return None
     if not cfg.data.qformer_tokenizer:
         raise ConfigError("model.qformer.text_input reads the instruction: set data.qformer_tokenizer (the "
                           "Q-Former's BERT tokenizer.json / vocab.txt)")
     try:
-        tok = WordPieceTokenizer(cfg.data.qformer_tokenizer, cfg.model.qformer.max_text_len)
+        tok = _wordpiece(cfg.data.qformer_tokenizer, cfg.model.qformer.max_text_len)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.qformer_tokenizer: {e}") from None
     if tok.vocab_size > cfg.model.qformer.vocab_size:
         raise ConfigError(f"data.qformer_tokenizer has {tok.vocab_size} tokens, model.qformer.vocab_size "
                           f"{cfg.model.qformer.vocab_size}")
-    return {"qformer_tokenizer": tok, "qformer_text_len": cfg.model.qformer.max_text_len}
+    return tok
+
+
+@functools.lru_cache(maxsize=8)
+def _wordpiece(path: str, max_len: int):
+    from data_pipelines.tokenizers import WordPieceTokenizer
+    return WordPieceTokenizer(path, max_len)
+
+
+def _qformer_text(cfg: Config) -> dict:
+    """The instruction pipeline's Q-Former tokenizer arguments (none unless `reads_instructions`)."""
+    tok = qformer_tokenizer_for(cfg)
+    return {} if tok is None else {"qformer_tokenizer": tok, "qformer_text_len": cfg.model.qformer.max_text_len}
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

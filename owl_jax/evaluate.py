@@ -490,7 +490,8 @@ def _run(args) -> int:
 def _load_for_args(args):
     from owl_jax.chat import newline_warning
     cfg, model, tokenizer = load_model_for_eval(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
-                                                merge_lora=args.merge_lora, scan_layers=args.scan_layers)
+                                                merge_lora=args.merge_lora, scan_layers=args.scan_layers,
+                                                qformer_tokenizer=args.qformer_tokenizer)
     if args.system_prompt is not None:
         cfg.data.system_prompt = args.system_prompt
     if args.task in ("vqa", *ANSWER_TASKS) and (warning := newline_warning(tokenizer)) is not None:

@@ -190,11 +190,14 @@ def export_files(model: nnx.Module, cfg: ModelConfig, fmt: str, *, dtype: str = 
 def export_model(model: nnx.Module, cfg: ModelConfig, out: str | Path, fmt: str, *, dtype: str = "bfloat16",
                  merge_lora: bool = False, base_only: bool = False, layout: str = "mplug-owl",
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 tokenizer: str | None = None, legacy_adapter_bin: bool = False) -> list[Path]:
+                 tokenizer: str | None = None, legacy_adapter_bin: bool = False,
+                 qformer_tokenizer: str | None = None) -> list[Path]:
     """Write `model` to the directory `out` (created; files of the same names are overwritten) in `fmt`.
     `--merge-lora` modifies `model` in place. `tokenizer`: the run's tokenizer file or directory, copied
     along (None or a built-in name like `toy:512`: nothing to copy). `legacy_adapter_bin` (peft-lora) also
-    writes `adapter_model.bin` for peft < 0.5. Returns the files written."""
+    writes `adapter_model.bin` for peft < 0.5. `qformer_tokenizer` (instructblip-hf): the Q-Former's
+    WordPiece tokenizer, copied to `qformer_tokenizer/` as `InstructBlipProcessor.save_pretrained` lays it
+    out, so the export is complete for `owl_jax.generate` and transformers alike. Returns the files written."""
     if legacy_adapter_bin and fmt != "peft-lora":
         raise ExportError("--legacy-adapter-bin applies to --format peft-lora only")
     if fmt not in FORMATS:
@@ -203,6 +206,7 @@ def export_model(model: nnx.Module, cfg: ModelConfig, out: str | Path, fmt: str,
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     _resolve_lora(model, fmt, merge_lora=merge_lora, base_only=base_only)
     tokenizer_files = find_tokenizer_files(tokenizer) if fmt != "hf-clip-vision" else {}
+    qformer_files = _qformer_tokenizer_files(qformer_tokenizer) if fmt == "instructblip-hf" else {}
     tensors, configs = export_files(model, cfg, fmt, dtype=dtype, layout=layout)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +221,27 @@ def export_model(model: nnx.Module, cfg: ModelConfig, out: str | Path, fmt: str,
         (out / name).write_text(json.dumps(content, indent=2) + "\n")
         written.append(out / name)
     written += copy_tokenizer(tokenizer_files, out, cfg)
+    if qformer_files:
+        (out / "qformer_tokenizer").mkdir(exist_ok=True)
+        for name, f in qformer_files.items():
+            shutil.copyfile(f, out / "qformer_tokenizer" / name)
+            written.append(out / "qformer_tokenizer" / name)
     return written
+
+
+def _qformer_tokenizer_files(spec: str | None) -> dict[str, Path]:
+    """{name: file} of a Q-Former tokenizer: a `tokenizer.json` / `vocab.txt` file, or the files of a
+    directory (or of its `qformer_tokenizer/`, as transformers saves a processor)."""
+    if not spec:
+        return {}
+    src = Path(spec)
+    if src.is_dir() and (src / "qformer_tokenizer").is_dir():
+        src = src / "qformer_tokenizer"
+    if src.is_dir():
+        return {f.name: f for f in sorted(src.iterdir()) if f.is_file()}
+    if src.is_file():  # named as BertTokenizer(Fast) and WordPieceTokenizer look for it
+        return {{".json": "tokenizer.json", ".txt": "vocab.txt"}.get(src.suffix, src.name): src}
+    raise ExportError(f"the run's data.qformer_tokenizer {spec!r} no longer exists")
 
 
 def save_torch_state_dict(tensors: dict[str, np.ndarray], path: Path) -> Path:
@@ -347,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, model = _load(args.checkpoint)
         written = export_model(model, cfg.model, out, args.format, dtype=args.dtype, merge_lora=args.merge_lora,
                                base_only=args.base_only, layout=args.layout, max_shard_bytes=max_shard,
-                               tokenizer=cfg.data.tokenizer, legacy_adapter_bin=args.legacy_adapter_bin)
+                               tokenizer=cfg.data.tokenizer, legacy_adapter_bin=args.legacy_adapter_bin,
+                               qformer_tokenizer=cfg.data.qformer_tokenizer)
     except (ExportError, ConfigError, CheckpointMismatchError, StateMismatchError, io.WeightFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

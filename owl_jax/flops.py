@@ -15,8 +15,9 @@ carries a gradient:
   one (layer 0 under LoRA on q and v: no key gradient there).
 
 Norm scales, biases and embeddings have no matmul of their own but make what follows them carry a gradient
-when they train. The connector is counted as a unit by its module (`models.connectors`: trained if any of
-its leaves trains). `causal_halving` halves the LLM attention term (the MFU convention); XLA's dense
+when they train. The connector is counted by its module (`models.connectors`) from the names of its trained
+children (`trained_parts`): the abstractor and LLaVA's projectors as a unit, the Q-Former with its
+`language_projection` apart (MiniGPT-4 trains that alone: the Q-Former then runs forward only). `causal_halving` halves the LLM attention term (the MFU convention); XLA's dense
 attention computes the full square, so compiled-program checks pass `causal_halving=False`. Remat
 recomputation is never counted.
 """
@@ -182,9 +183,10 @@ def step_flops(cfg: ModelConfig, trainable, *, tokens: int, seq_len: int, images
     if not images:
         return StepFlops(llm=_llm(cfg, t, tokens, seq_len, causal_halving, visual_grad=False))
     vision, feature_grad = _vision(cfg, t)
-    connector_trained = t.under(connector_attribute(cfg))
-    connector = connector_step_flops(cfg, trained=connector_trained, input_grad=feature_grad)
-    llm = _llm(cfg, t, tokens, seq_len, causal_halving, visual_grad=connector_trained or feature_grad)
+    attr = connector_attribute(cfg)
+    parts = frozenset(n.split(".")[1] for n in ts.names if n.startswith(attr + "."))
+    connector = connector_step_flops(cfg, trained_parts=parts, input_grad=feature_grad)
+    llm = _llm(cfg, t, tokens, seq_len, causal_halving, visual_grad=bool(parts) or feature_grad)
     return StepFlops(vision=images * vision, connector=images * connector, llm=llm)
 
 

@@ -56,12 +56,17 @@ class Prompt:
     it); the row stops at min(this, `GenerationSettings.max_new_tokens`) whatever the other rows of the
     batch allow, so an answer never depends on what it is batched with. `seed`: the row's sampling stream
     (default: its index in the batch); give a stable per-question value (evaluation does) to make sampled
-    answers independent of batching too."""
+    answers independent of batching too.
+
+    `qformer_tokens`: for a model whose Q-Former reads the instruction (InstructBLIP), each image's
+    instruction ids (one 1-D array per image, in order, at most the Q-Former's `max_text_len`), as the
+    training pipeline's `qformer_tokens` give them; `ChatSession.prompt` fills it in."""
 
     tokens: np.ndarray
     pixels: np.ndarray | None = None
     max_new_tokens: int | None = None
     seed: int | None = None
+    qformer_tokens: tuple[np.ndarray, ...] | None = None
 
     @property
     def num_images(self) -> int:
@@ -124,6 +129,9 @@ class Generator:
         # Ids the tokenizer cannot decode (an embedding table padded beyond the vocabulary) are never chosen.
         self.token_limit = min(self.vocab_size, int(tokenizer.vocab_size))
         self.steps_per_call, self.min_prompt_bucket = steps_per_call, min_prompt_bucket
+        # InstructBLIP: every image's instruction goes to the Q-Former too, padded to one length (one program).
+        connector = getattr(model, "connector", None)
+        self.qformer_text_len = connector.max_text_len if getattr(connector, "text_input", False) else 0
 
     # ------------------------------------------------------------------ host-side batch layout
     def _batch(self, prompts: Sequence[Prompt]) -> dict[str, np.ndarray]:
@@ -149,9 +157,31 @@ class Generator:
             batch["pixel_values"] = pixels
             batch["image_index"] = plan_image_slots(tokens, num_images, tokens_per_image=self.tokens_per_image,
                                                     image_budget=budget)
+            if self.qformer_text_len:
+                batch["qformer_tokens"] = self._qformer_tokens(prompts, budget)
         elif (tokens < 0).any():
             raise ValueError("a prompt has image slots but no images")
         return batch
+
+    def _qformer_tokens(self, prompts: Sequence[Prompt], budget: int) -> np.ndarray:
+        """[budget, max_text_len] each image slot's instruction ids (-1 padding), in the order of the pixels."""
+        out = np.full((budget, self.qformer_text_len), -1, np.int32)
+        slot = 0
+        for i, prompt in enumerate(prompts):
+            if not prompt.num_images:
+                continue
+            ids = prompt.qformer_tokens
+            if ids is None or len(ids) != prompt.num_images:
+                raise ValueError(f"prompt {i}: this model's Q-Former reads each image's instruction; give "
+                                 f"qformer_tokens for its {prompt.num_images} image(s) (ChatSession.prompt does)")
+            for row in ids:
+                row = np.asarray(row, np.int32)
+                if len(row) > self.qformer_text_len:
+                    raise ValueError(f"prompt {i}: an instruction of {len(row)} Q-Former tokens exceeds its "
+                                     f"max_text_len {self.qformer_text_len}")
+                out[slot, :len(row)] = row
+                slot += 1
+        return out
 
     def next_token_logits(self, prompts: Sequence[Prompt]) -> np.ndarray:
         """[len(prompts), V] float32 logits of the first generated position (no processing)."""
@@ -256,7 +286,7 @@ def _tokens(row: np.ndarray, eos: int) -> list[int]:
 
 
 def _model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    keys = ("tokens", "positions", "pad", "pixel_values", "image_index")
+    keys = ("tokens", "positions", "pad", "pixel_values", "image_index", "qformer_tokens")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -269,7 +299,8 @@ def _prefill(state, batch, *, graphdef, cache_len: int):
     model = nnx.merge(graphdef, state)
     lm = model.language_model
     tokens = batch["tokens"]
-    embeds = model.embed_inputs(tokens, batch.get("pixel_values"), batch.get("image_index"))
+    embeds = model.embed_inputs(tokens, batch.get("pixel_values"), batch.get("image_index"),
+                                batch.get("qformer_tokens"))
     cache = init_cache(lm, tokens.shape[0], cache_len)
     hidden, cache = forward_with_cache(lm, embeds, batch["positions"], cache, pad=batch["pad"], write_slot=0,
                                        attend_to_cache=False)
@@ -359,6 +390,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="training run directory (or RUN/checkpoints/STEP), official mPLUG-Owl, LLaVA (llava-hf or original) or LLaMA HF directory")
     parser.add_argument("--tokenizer", help="tokenizer to use instead of the checkpoint's (file, folder or toy:VOCAB)")
+    parser.add_argument("--qformer-tokenizer",
+                        help="InstructBLIP: the Q-Former's BERT tokenizer (tokenizer.json, vocab.txt or a folder) "
+                             "instead of the run's data.qformer_tokenizer or the directory's qformer_tokenizer/")
     parser.add_argument("--lora", help="PEFT LoRA adapter directory to apply (Hugging Face directories)")
     parser.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights first")
     parser.add_argument("--scan-layers", action="store_true",
@@ -402,7 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         loaded = load_for_inference(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora,
-                                    merge_lora=args.merge_lora, scan_layers=args.scan_layers, template=args.template)
+                                    merge_lora=args.merge_lora, scan_layers=args.scan_layers, template=args.template,
+                                    qformer_tokenizer=args.qformer_tokenizer)
         if (warning := newline_warning(loaded.tokenizer)) is not None:
             print(f"warning: {warning}", file=sys.stderr)
         chat = ChatSession.for_config(loaded.config, loaded.tokenizer, system=args.system_prompt)

@@ -216,7 +216,7 @@ def _from_hf(path: Path, kind: str, lora: Path | None, scan_layers: bool) -> tup
 
 def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None, lora: str | None = None,
                        merge_lora: bool = False, scan_layers: bool = False, template: str | None = None,
-                       require_tokenizer: bool = True) -> Loaded:
+                       require_tokenizer: bool = True, qformer_tokenizer: str | None = None) -> Loaded:
     """The model (eval mode) of a training run or HF directory; see the module docstring.
 
     `tokenizer` overrides the checkpoint's (e.g. `toy:512`); `lora` is a PEFT adapter directory for a HF
@@ -225,6 +225,10 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None,
     from a HF directory (one traced layer: faster compiles for deep models; runs keep their own layout).
     `template` overrides the conversation template (`data.template`). Without `require_tokenizer`, a
     checkpoint without a loadable tokenizer gives `tokenizer=None` (tools that feed token ids themselves).
+    A model whose Q-Former reads the instruction (InstructBLIP) also needs its WordPiece tokenizer:
+    `qformer_tokenizer`, else the run's `data.qformer_tokenizer`, else the HF directory's own
+    (`qformer_tokenizer/`, as `InstructBlipProcessor` saves it); it is checked here, so that chat sessions
+    (`ChatSession.for_config`) find it in `config.data.qformer_tokenizer`.
     """
     if template is not None:
         from data_pipelines.templates import get_template
@@ -259,6 +263,7 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None,
         cfg.data.tokenizer = tokenizer
     if template is not None:
         cfg.data.template = template
+    _check_qformer_tokenizer(cfg, qformer_tokenizer, path, kind, required=require_tokenizer)
     if tok is not None and tok.vocab_size > cfg.model.text.vocab_size:
         raise LoadError(f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.text.vocab_size}")
     if merge_lora:
@@ -266,3 +271,23 @@ def load_for_inference(path: str | os.PathLike, *, tokenizer: str | None = None,
         merge_adapters(model)
     model.eval()
     return Loaded(config=cfg, model=model, tokenizer=tok, kind=kind, has_vision=kind != "hf-llama")
+
+
+def _check_qformer_tokenizer(cfg: Config, override: str | None, path, kind: str, *, required: bool) -> None:
+    """Point `cfg.data.qformer_tokenizer` at a loadable Q-Former tokenizer when the model reads instructions
+    (LoadError naming the option otherwise; tools that feed ids themselves pass `required=False`)."""
+    from owl_jax.config import ConfigError
+    from owl_jax.data import qformer_tokenizer_for, reads_instructions
+    if not reads_instructions(cfg):
+        return
+    if override:
+        cfg.data.qformer_tokenizer = str(override)
+    elif kind != "run":
+        cfg.data.qformer_tokenizer = str(path)
+    try:
+        qformer_tokenizer_for(cfg)
+    except ConfigError as e:
+        if required:
+            raise LoadError(f"{path}: the model's Q-Former reads the instruction and needs its tokenizer "
+                            f"(pass --qformer-tokenizer): {e}") from None
+        cfg.data.qformer_tokenizer = ""

@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = Server(args.name or model_name(args.checkpoint), defaults, options)
     app = build_app(server, web=not args.api_only)
     server.load(args.checkpoint, tokenizer=args.tokenizer, lora=args.lora, merge_lora=args.merge_lora,
-                scan_layers=args.scan_layers)
+                scan_layers=args.scan_layers, qformer_tokenizer=args.qformer_tokenizer)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach it can use the model (there is no "
               "authentication)", file=sys.stderr)

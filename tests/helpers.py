@@ -101,3 +101,17 @@ def image_train_batch(cfg, rows=4, seq=48, images=(1, 2, 0, 1), budget=4, seed=0
         text[np.arange(length)[None] >= rng.integers(1, length, size=(budget, 1))] = -1
         batch["qformer_tokens"] = text
     return batch
+
+
+def cli_env(devices: int | None = None) -> dict:
+    """The environment for running an owl-jax CLI in a subprocess from the tests: the checkout on PYTHONPATH,
+    and optionally fewer fake CPU devices than the suite's 8 (a smaller program to compile)."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    e = dict(os.environ)
+    e["PYTHONPATH"] = root + os.pathsep + e.get("PYTHONPATH", "")
+    if devices is not None:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", ""))
+        e["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    return e

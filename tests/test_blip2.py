@@ -274,6 +274,70 @@ def test_kv_cache_generation_equals_transformers_generate(hf_cases, loaded):
         assert got.tokens == out[0, -6:].tolist()
 
 
+def test_instructblip_generation_reads_the_instruction_and_equals_transformers_generate(hf_cases, loaded):
+    """InstructBLIP: the Q-Former's instruction ids travel with the prompt (`Prompt.qformer_tokens`), and
+    greedy KV-cache generation equals transformers' `generate` given the same `qformer_input_ids`."""
+    from data_pipelines.tokenizers import load_tokenizer
+    from owl_jax.generate import GenerationSettings, Generator, Prompt
+    case, cfg = hf_cases["instructblip"], hf_cases["instructblip"]["cfg"]
+    generator = Generator(loaded["instructblip"], load_tokenizer("toy:512"), tokens_per_image=cfg.tokens_per_image,
+                          image_size=cfg.vision.image_size)
+    assert generator.qformer_text_len == cfg.qformer.max_text_len
+    rows = [(0, 5 + QUERIES + 4), (1, 30)]
+    qformer = [case["qids"][i, :int(case["qmask"][i].sum())].astype(np.int32) for i in range(3)]
+    prompts = []
+    for row, length in rows:
+        first, n = int(NUM_IMAGES[:row].sum()), int(NUM_IMAGES[row])
+        prompts.append(Prompt(case["ours"][row, :length].copy(), case["pixels"][first:first + n].transpose(0, 2, 3, 1),
+                              qformer_tokens=tuple(qformer[first:first + n])))
+    settings = GenerationSettings(max_new_tokens=6, stop_at_eos=False)
+    ours = generator.generate(prompts, settings)
+    for (row, length), got in zip(rows, ours):
+        first, n = int(NUM_IMAGES[:row].sum()), int(NUM_IMAGES[row])
+        ids = torch.from_numpy(case["ids"][row:row + 1, :length])
+        with torch.no_grad():
+            out = case["model"].generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids),
+                pixel_values=torch.from_numpy(case["pixels"][first:first + n]),
+                qformer_input_ids=torch.from_numpy(case["qids"][first:first + n]),
+                qformer_attention_mask=torch.from_numpy(case["qmask"][first:first + n]),
+                max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert got.tokens == out[0, -6:].tolist()
+    # another instruction gives other logits: the ids reach the Q-Former
+    other = dataclasses.replace(prompts[0], qformer_tokens=(qformer[2],))
+    assert not np.allclose(generator.next_token_logits([other]), generator.next_token_logits(prompts[:1]))
+    with pytest.raises(ValueError, match="reads each image's instruction"):
+        generator.generate([dataclasses.replace(prompts[0], qformer_tokens=None)], settings)
+
+
+def test_instructblip_chat_and_loading_find_the_qformer_tokenizer(hf_cases, tmp_path):
+    """A loaded InstructBLIP directory takes its `qformer_tokenizer/` (as InstructBlipProcessor saves it), or
+    `--qformer-tokenizer`, or refuses to load with one line; a chat session then gives every image the
+    question's WordPiece ids, as the training pipeline does."""
+    import shutil
+    from data_pipelines.tokenizers import WordPieceTokenizer
+    from owl_jax.chat import ChatSession
+    from owl_jax.loading import LoadError, load_for_inference
+    directory = tmp_path / "instructblip"
+    shutil.copytree(hf_cases["instructblip"]["dir"], directory)
+    with pytest.raises(LoadError, match="--qformer-tokenizer"):
+        load_for_inference(directory, tokenizer="toy:512")
+    (directory / "qformer_tokenizer").mkdir()
+    vocab = directory / "qformer_tokenizer" / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "colour", "is", "it", "?"]) + "\n")
+    loaded = load_for_inference(directory, tokenizer="toy:512")
+    assert loaded.config.data.qformer_tokenizer == str(directory)
+    chat = ChatSession.for_config(loaded.config, loaded.tokenizer)
+    chat.add_image(np.zeros((56, 56, 3), np.float32))
+    prompt = chat.prompt("What colour is it?")
+    want = WordPieceTokenizer(vocab, cfg_len := loaded.config.model.qformer.max_text_len).encode("What colour is it?")
+    assert len(prompt.qformer_tokens) == 1 and prompt.qformer_tokens[0].tolist() == want
+    assert want[0] == 2 and want[-1] == 3 and len(want) <= cfg_len  # [CLS] ... [SEP]
+    chat.record("What colour is it?", "red")
+    second = chat.prompt("is it?")  # the image still reads the message that holds it
+    assert [t.tolist() for t in second.qformer_tokens] == [want]
+
+
 # --------------------------------------------------------------------------------------------------
 # C: weights in and out
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +369,11 @@ def test_export_loads_in_transformers_and_round_trips(kind, tmp_path):
     from owl_jax.export import export_model
     cfg = load_config(CONFIGS[kind]).model
     model = random_model(cfg, seed=3)
-    export_model(model, cfg, tmp_path, f"{kind}-hf", dtype="float32")
+    vocab = tmp_path.parent / f"{kind}-vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello"]) + "\n")
+    export_model(model, cfg, tmp_path, f"{kind}-hf", dtype="float32", qformer_tokenizer=str(vocab))
+    # InstructBLIP's directory carries its Q-Former tokenizer where InstructBlipProcessor saves it
+    assert (tmp_path / "qformer_tokenizer" / "vocab.txt").is_file() == (kind == "instructblip")
     cls = Blip2ForConditionalGeneration if kind == "blip2" else InstructBlipForConditionalGeneration
     hf = cls.from_pretrained(tmp_path, local_files_only=True).eval()
     assert hf.config.num_query_tokens == QUERIES
@@ -439,7 +507,7 @@ def test_stage1_trains_the_qformer_only_and_reads_the_instruction_on_a_mesh():
         np.testing.assert_allclose(results[1][1][k], v, atol=1e-5, err_msg=k)
 
 
-@pytest.mark.parametrize("kind, stage", [("instructblip", "pretrain"), ("blip2", "instruct_lora")])
+@pytest.mark.parametrize("kind, stage", [("instructblip", "pretrain"), ("blip2", "instruct_lora"), ("blip2", "minigpt4")])
 def test_compiled_step_flops_match_the_analytic_count(kind, stage):
     """As tests/test_flops.py: the Q-Former's analytic FLOPs (text path included) match the compiled step."""
     import jax

@@ -236,3 +236,16 @@ def test_blip2_family_directories_pass_and_a_perturbed_copy_fails(hf_blip2, kind
         assert code == 1, out + err
         named = out.split("weights that differ from the reference's: ")[1]
         assert named.startswith("qformer.language_projection.kernel") and "," not in named.strip()
+
+
+def test_instructblip_prompt_reaches_the_qformer(hf_blip2, tmp_path, capsys):
+    """With --prompt, InstructBLIP's Q-Former reads the prompt's WordPiece ids (the directory's
+    `qformer_tokenizer/`) on both sides, as generation gives them, instead of random ids."""
+    directory = tmp_path / "instructblip"
+    shutil.copytree(hf_blip2 / "instructblip", directory)
+    (directory / "qformer_tokenizer").mkdir()
+    (directory / "qformer_tokenizer" / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "colour", "is", "it"]) + "\n")
+    code, out, err = _run(capsys, "--checkpoint", directory, "--tokenizer", "toy:512", "--prompt", "what colour is it")
+    assert code == 0, out + err
+    assert "the Q-Former reading --prompt (6 WordPiece ids)" in out and "PASS" in out

@@ -24,7 +24,7 @@ from owl_jax.models.owl import build_model
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import PRESETS, STAGES, resolve_trainable
 from owl_jax.training.train_step import abstract_train_state, create_trainer
-from helpers import image_train_batch
+from helpers import cli_env, image_train_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/model/tiny_llava.yaml on top of the tiny training recipe (as tests/test_llava.py)
@@ -37,32 +37,49 @@ ALL_LINEAR = "model.lora.targets=[" + ", ".join(
 FAST = ["model.lora.rank=4", "model.lora.dropout=0.0", "model.abstractor.attention_dropout=0.0"]
 
 
+# configs/model/tiny_blip2.yaml on top of the tiny training recipe (as tests/test_blip2.py)
+TINY_BLIP2 = ["model.connector=qformer", "model.vision.kind=blip2", "model.vision.hidden_act=gelu",
+              "model.qformer.hidden_size=48", "model.qformer.num_layers=4", "model.qformer.num_heads=4",
+              "model.qformer.intermediate_size=96", "model.qformer.num_queries=8", "model.qformer.vocab_size=128",
+              "model.qformer.max_position_embeddings=32", "model.qformer.max_text_len=16"]
+FAMILIES = {"owl": [], "llava": TINY_LLAVA, "blip2": TINY_BLIP2}
+
+
 def tiny(family: str, *extra: str):
-    base = TINY_LLAVA if family == "llava" else []
-    return load_config(os.path.join(ROOT, "configs/tiny_test.yaml"), [*base, *FAST, "mesh.fsdp=1", *extra])
+    return load_config(os.path.join(ROOT, "configs/tiny_test.yaml"), [*FAMILIES[family], *FAST, "mesh.fsdp=1", *extra])
 
 
 def _parts(name: str) -> str:
     if ".lora." in name:
         return "lora"
-    return name.split(".")[0].replace("abstractor", "connector").replace("projector", "connector") \
+    if name.startswith("vision_model.post_layernorm."):
+        return "ln_vision"
+    if name.startswith("qformer.language_projection."):
+        return "projection"  # MiniGPT-4's llama_proj
+    return re.sub("^(abstractor|projector|qformer)$", "connector", name.split(".")[0]) \
         .replace("vision_model", "vision").replace("language_model", "llm")
 
 
-# preset -> (parts it trains on mPLUG-Owl, on LLaVA), and the leaf counts of the tiny models (rank-4 LoRA
-# on q_proj / v_proj of 2 LLM layers: 8 adapter leaves; tower 31 leaves (2 layers) / 43 (3 layers);
-# abstractor 48, projector 4; LLM 21)
+# preset -> (parts it trains, leaf count) on mPLUG-Owl, LLaVA and BLIP-2; None: the preset does not apply
+# (a one-line StageError). Tiny models: rank-4 LoRA on q_proj / v_proj of 2 LLM layers (8 adapter leaves);
+# CLIP tower 31 leaves (2 layers) / 43 (3 layers), BLIP-2 tower 30 + its post-LayerNorm (ln_vision) 2;
+# abstractor 48, projector 4, Q-Former 89 (language_projection 2); LLM 21.
+_QF = {"connector", "projection"}  # the whole Q-Former
+_TOWER = {"vision", "ln_vision"}
 PRESET_PARTS = {
-    "pretrain": (({"vision", "connector"}, 79), ({"connector"}, 4)),
-    "owl_stage1": (({"vision", "connector"}, 79), ({"vision", "connector"}, 47)),
-    "owl_stage2_lora": (({"lora"}, 8), ({"lora"}, 8)),
-    "instruct_lora": (({"lora"}, 8), ({"lora"}, 8)),
-    "owl_stage2_paper": (({"lora", "connector"}, 56), ({"lora", "connector"}, 12)),
-    "llava_stage1": (({"connector"}, 48), ({"connector"}, 4)),
-    "llava_stage2": (({"connector", "llm"}, 69), ({"connector", "llm"}, 25)),
-    "llava_lora": (({"lora", "connector"}, 56), ({"lora", "connector"}, 12)),
-    "instruct_full": (({"llm"}, 21), ({"llm"}, 21)),
-    "lm_pretrain": (({"llm"}, 21), ({"llm"}, 21)),
+    "pretrain": ((_TOWER | {"connector"}, 79), ({"connector"}, 4), (_QF, 89)),
+    "owl_stage1": ((_TOWER | {"connector"}, 79), (_TOWER | {"connector"}, 47), (_TOWER | _QF, 121)),
+    "owl_stage2_lora": (({"lora"}, 8), ({"lora"}, 8), ({"lora"}, 8)),
+    "instruct_lora": (({"lora"}, 8), ({"lora"}, 8), ({"lora"}, 8)),
+    "owl_stage2_paper": (({"lora", "connector"}, 56), ({"lora", "connector"}, 12), ({"lora"} | _QF, 97)),
+    "llava_stage1": (({"connector"}, 48), ({"connector"}, 4), (_QF, 89)),
+    "llava_stage2": (({"connector", "llm"}, 69), ({"connector", "llm"}, 25), (_QF | {"llm"}, 110)),
+    "llava_lora": (({"lora", "connector"}, 56), ({"lora", "connector"}, 12), ({"lora"} | _QF, 97)),
+    "instruct_full": (({"llm"}, 21), ({"llm"}, 21), ({"llm"}, 21)),
+    "lm_pretrain": (({"llm"}, 21), ({"llm"}, 21), ({"llm"}, 21)),
+    "minigpt4": (None, None, ({"projection"}, 2)),
+    "blip2_stage2": (({"connector", "ln_vision"}, 50), ({"connector", "ln_vision"}, 6), (_QF | {"ln_vision"}, 91)),
+    "instructblip": (({"connector", "ln_vision"}, 50), ({"connector", "ln_vision"}, 6), (_QF | {"ln_vision"}, 91)),
 }
 
 
@@ -71,13 +88,18 @@ def test_every_stage_is_a_preset_with_its_recipe():
     assert all(p.recipe for p in PRESETS.values())
 
 
-@pytest.mark.parametrize("family", ["owl", "llava"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("stage", sorted(PRESET_PARTS))
 def test_each_preset_trains_its_leaves(family, stage):
     cfg = tiny(family, f"training.stage={stage}")
     model = nnx.eval_shape(lambda: build_model(cfg.model))
     params = [user_path(path_str(p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    parts, count = PRESET_PARTS[stage][family == "llava"]
+    expected = PRESET_PARTS[stage][list(FAMILIES).index(family)]
+    if expected is None:
+        with pytest.raises(ConfigError, match="language_projection is the Q-Former's projection"):
+            resolve_trainable(model, cfg.training, cfg.model)
+        return
+    parts, count = expected
     ts = resolve_trainable(model, cfg.training, cfg.model)
     assert sorted(ts.names) == sorted(n for n in params if _parts(n) in parts)
     assert len(ts.names) == count
@@ -218,19 +240,10 @@ def test_static_mistakes_fail_when_the_config_loads(override, message):
         load_config(os.path.join(ROOT, "configs/tiny_test.yaml"), [*extra, override])
 
 
-def _env(devices: int | None = None):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
-    if devices is not None:  # fewer fake CPU devices than the suite's 8: a smaller program to compile
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", ""))
-        e["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    return e
-
-
 def test_the_train_cli_shows_a_pattern_that_matches_nothing_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "owl_jax.train", "--config", "configs/tiny_test.yaml",
                            r"training.trainable=['^vision_model\.patch_embedding']", "logging.tensorboard=false",
-                           f"training.output_dir={tmp_path / 'run'}"], cwd=ROOT, env=_env(), capture_output=True,
+                           f"training.output_dir={tmp_path / 'run'}"], cwd=ROOT, env=cli_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
@@ -278,7 +291,7 @@ def test_tiny_llava_stage1_then_stage2_then_generation(tmp_path):
     }
     for (run_dir, overrides), leaves in zip(runs.items(), ("stage llava_stage1: 4", "stage llava_stage2: 25")):
         proc = subprocess.run([sys.executable, "-m", "owl_jax.train", "--config", "configs/tiny_test.yaml", *common,
-                               *overrides, f"training.output_dir={run_dir}"], cwd=ROOT, env=_env(devices=1),
+                               *overrides, f"training.output_dir={run_dir}"], cwd=ROOT, env=cli_env(devices=1),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"({leaves} trainable leaves" in proc.stdout and "done: step 2" in proc.stdout
@@ -293,10 +306,10 @@ def test_tiny_llava_stage1_then_stage2_then_generation(tmp_path):
     for name in init:  # stage 1 moved the projector alone; stage 2 the projector and the LLM, not the tower
         part = _parts(name)
         assert np.array_equal(p1[name], init[name]) == (part != "connector"), name
-        assert np.array_equal(p2[name], p1[name]) == (part == "vision"), name
+        assert np.array_equal(p2[name], p1[name]) == (part in ("vision", "ln_vision")), name
     proc = subprocess.run([sys.executable, "-m", "owl_jax.generate", "--checkpoint", str(stage2), "--image",
                            str(tmp_path / "images" / "0.png"), "--prompt", "What colour is it?",
-                           "--max-new-tokens", "3"], cwd=ROOT, env=_env(devices=1), capture_output=True, text=True,
+                           "--max-new-tokens", "3"], cwd=ROOT, env=cli_env(devices=1), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == 1  # the answer (greedy, 3 tokens at most, of a model trained 2+2 steps)

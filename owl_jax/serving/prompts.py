@@ -87,9 +87,11 @@ def build_prompt(loaded, conversation: Conversation, question: str, *, max_conte
     would not fit (the web chat, as the terminal chat does); else a prompt that does not fit is refused
     (BadInput, code context_length_exceeded: the API, as OpenAI's)."""
     from owl_jax.chat import ChatError, ChatSession, template_for
+    from owl_jax.data import qformer_tokenizer_for
     system = default_system if conversation.system is None else conversation.system
     session = ChatSession(loaded.tokenizer, tokens_per_image=loaded.config.model.tokens_per_image, system=system,
-                          max_context=max_context if trim else 1 << 40, template=template_for(loaded.config))
+                          max_context=max_context if trim else 1 << 40, template=template_for(loaded.config),
+                          qformer_tokenizer=qformer_tokenizer_for(loaded.config))
     session.turns, session.images = list(conversation.turns), list(conversation.images)
     try:
         prompt = session.prompt(question, max_new_tokens=max_new_tokens if trim else 0)

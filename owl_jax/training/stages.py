@@ -31,6 +31,7 @@ STAGES = field_choices(TrainingConfig, "stage")  # the one list: the config fiel
 LORA = r"\.lora_[ab]$"  # the adapters' leaves (`nnx.LoRAParam`): `...q_proj.lora.lora_a`, `.lora_b`
 _NOT_LORA = "!" + LORA  # base-weight presets leave adapters built into the model alone
 _VISION, _CONNECTOR, _LLM = r"^vision_model\.", r"^{connector}\.", r"^language_model\."
+_LN_VISION = r"^vision_model\.post_layernorm\."  # LAVIS's `ln_vision`, outside its frozen `visual_encoder`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,18 @@ PRESETS: dict[str, Preset] = {
                                                           "(scripts/v1_5/finetune.sh)"),
     "llava_lora": Preset((LORA, _CONNECTOR), "LLaVA LoRA: LoRA on every LLM linear + the projector "
                                              "(scripts/v1_5/finetune_lora.sh)"),
+    # The Q-Former family: `{connector}` is `qformer` there (transformers' `qformer.*`, `query_tokens`,
+    # `language_projection.*` all live under it in owl-jax).
+    "minigpt4": Preset((r"^{connector}\.language_projection\.",),
+                       "MiniGPT-4 stages 1 and 2: the linear projection into the LLM only (llama_proj; ViT, Q-Former "
+                       "and LLM frozen: minigpt4/models/mini_gpt4.py freeze_vit / freeze_qformer)"),
+    "blip2_stage2": Preset((_CONNECTOR, _LN_VISION, _NOT_LORA),
+                           "BLIP-2 stage 2 (generative pretraining): Q-Former, queries, language_projection and "
+                           "ln_vision (the tower's post-LayerNorm); ViT blocks and LLM frozen (LAVIS blip2_opt.py "
+                           "freeze_vit freezes visual_encoder only)"),
+    "instructblip": Preset((_CONNECTOR, _LN_VISION, _NOT_LORA),
+                           "InstructBLIP: Q-Former (with its text embeddings), queries, language_projection and "
+                           "ln_vision; ViT blocks and LLM frozen (LAVIS blip2_vicuna_instruct.py)"),
     # The names of the first release. `pretrain` is resolved per connector (`pretrain_preset`).
     "instruct_lora": Preset((LORA,), "the LoRA adapters only (= owl_stage2_lora)"),
     "instruct_full": Preset((_LLM, _NOT_LORA), "the LLM, vision side frozen"),
@@ -147,6 +160,8 @@ _LAYER_INDEX = re.compile(r"layers(?:\\\.|\.)(?:\d|\[|\\d)")
 def _no_match_hint(pattern: str, params: Sequence[str], model_cfg, scanned: bool) -> str:
     if pattern == LORA:
         return " (the model has no LoRA adapters: set model.lora.rank > 0)"
+    if model_cfg is not None and model_cfg.connector != "qformer" and "language_projection" in pattern:
+        return " (language_projection is the Q-Former's projection: model.connector qformer)"
     if model_cfg is not None and model_cfg.connector == "identity" and "projector" in pattern:
         return " (the identity connector has no parameters and LLaVA keeps the vision tower frozen)"
     if scanned and _LAYER_INDEX.search(pattern):

@@ -15,7 +15,7 @@ Each connector module declares the same small interface, so that the composite, 
 `ModelConfig.tokens_per_image`, the FLOP count and the training stages ask this package instead of
 testing connector names: `ATTRIBUTE` (its name in the composite, hence its parameter paths), `DEFAULTS`
 (vision feature selection), `TRAINED_WITH_VISION` (whether stage `pretrain` trains the tower with it),
-`build`, `tokens_per_image`, `problems`, `step_flops`.
+`build`, `tokens_per_image`, `problems`, `step_flops` (from the names of the connector's trained children).
 """
 
 from __future__ import annotations
@@ -129,8 +129,9 @@ def pretrain_pattern(cfg) -> str:
     return rf"^(vision_model|{attr})\." if trained_with_vision(cfg) else rf"^{attr}\."
 
 
-def connector_step_flops(cfg, *, trained: bool, input_grad: bool) -> float:
-    """Matmul FLOPs of the connector per image in one train step: `trained` if its weights get gradients,
-    `input_grad` if gradients continue into the vision tower (see `owl_jax.flops`)."""
-    return connector_module(cfg.connector).step_flops(cfg, num_features(cfg), feature_dim(cfg), trained=trained,
-                                                      input_grad=input_grad)
+def connector_step_flops(cfg, *, trained_parts: frozenset[str], input_grad: bool) -> float:
+    """Matmul FLOPs of the connector per image in one train step: `trained_parts` names its children with
+    trainable leaves (`query_tokens`, `language_projection`, ...; empty: frozen), `input_grad` whether
+    gradients continue into the vision tower (see `owl_jax.flops`)."""
+    return connector_module(cfg.connector).step_flops(cfg, num_features(cfg), feature_dim(cfg),
+                                                      trained_parts=frozenset(trained_parts), input_grad=input_grad)

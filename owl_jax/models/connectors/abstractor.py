@@ -164,9 +164,11 @@ def forward_flops(cfg: ModelConfig, num_features: int) -> tuple[float, float]:
     return linear + 2.0 * q * d * cfg.text.hidden_size, attention_flops
 
 
-def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained: bool, input_grad: bool) -> float:
+def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained_parts: frozenset[str],
+               input_grad: bool) -> float:
     """Trained: every matmul x3 (its queries are trained, so input gradients are needed throughout);
     frozen: x1, or x2 (attention x3) when gradients pass through to a trained tower."""
+    trained = bool(trained_parts)  # counted as a unit
     linear, attn = forward_flops(cfg, num_features)
     if trained:
         return 3 * (linear + attn)

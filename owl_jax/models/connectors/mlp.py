@@ -68,9 +68,11 @@ def problems(cfg: ModelConfig, feature_dim: int) -> list[str]:
     return []
 
 
-def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained: bool, input_grad: bool) -> float:
+def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained_parts: frozenset[str],
+               input_grad: bool) -> float:
     """Per image: trained layers x3, except the first x2 when no gradient goes on into the tower; frozen
     layers x2 when gradients pass through to the tower, else x1."""
+    trained = bool(trained_parts)  # counted as a unit
     d, depth = cfg.text.hidden_size, mlp_depth(cfg.connector)
     total = 0.0
     for i in range(depth):

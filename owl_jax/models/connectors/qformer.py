@@ -149,6 +149,7 @@ class QFormer(nnx.Module):
         dtype, param_dtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
         self.dtype = dtype
         self.text_input = cfg.text_input
+        self.max_text_len = cfg.max_text_len  # instruction ids per image a caller pads to (generation)
         self.num_queries = cfg.num_queries
         d = cfg.hidden_size
         self.query_tokens = nnx.Param(normal_init(cfg.query_init_std)(rngs.params(), (cfg.num_queries, d),
@@ -247,13 +248,19 @@ def forward_flops(cfg: ModelConfig, num_features: int, feature_dim: int) -> tupl
     return linear, attention
 
 
-def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained: bool, input_grad: bool) -> float:
-    """Trained: every matmul x3 (its queries and text embeddings are trained, so input gradients are needed
-    throughout) except the image key/value projections, which need no input gradient unless the tower trains;
-    frozen: x1, or x2 (attention x3) when gradients pass through to a trained tower."""
+def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained_parts: frozenset[str],
+               input_grad: bool) -> float:
+    """Q-Former trained (any child but `language_projection`): every matmul x3 (its queries and text
+    embeddings are trained, so input gradients are needed throughout) except the image key/value
+    projections, which need no input gradient unless the tower trains. Q-Former frozen: x1, or x2 (attention
+    x3) when gradients pass through to a trained tower; then `language_projection` alone trained (MiniGPT-4)
+    is x2 (forward + weight gradient: nothing below it carries a gradient)."""
     linear, attn = forward_flops(cfg, num_features, feature_dim)
     c = cfg.qformer
     image_kv = (c.num_layers // c.cross_attention_frequency) * 2.0 * 2 * num_features * feature_dim * c.hidden_size
-    if trained:
+    if trained_parts - {"language_projection"}:
         return 3 * (linear + attn) - (0 if input_grad else image_kv)
-    return 2 * linear + 3 * attn if input_grad else linear + attn
+    projection = 2.0 * c.num_queries * c.hidden_size * cfg.text.hidden_size
+    projection *= 1 + ("language_projection" in trained_parts) + input_grad
+    body = linear - 2.0 * c.num_queries * c.hidden_size * cfg.text.hidden_size
+    return (2 * body + 3 * attn if input_grad else body + attn) + projection
