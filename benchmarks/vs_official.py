@@ -203,6 +203,123 @@ def compare(size: str, stage: int, a, extra: list[str] = ()) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------- part 3: the same data end to end
+
+#: The end-to-end model: `small` with 2048 positions (the official recipes' `max_length`).
+E2E_MODEL = SIZES["small"][:-5] + ["model.text.max_position_embeddings=2048", "model.loss_chunk_size=2048"]
+E2E_DATA = {
+    "captions": lambda w: ["data.kind=captions", f"data.train_paths=['{w['captions_train']}']",
+                           "data.caption_template='Human: <image>\\nAI: {caption}'"],
+    "instructions": lambda w: ["data.kind=instructions", "data.system_prompt=''",
+                               f"data.sources=[{{name: vqa, path: '{w['vqa_train']}', format: llava, "
+                               f"image_root: '{w['image_root']}'}}, {{name: alpaca, path: '{w['alpaca_train']}', "
+                               f"format: alpaca}}]"],
+}
+
+
+def _samples(batch) -> int:
+    """Samples in a batch: the distinct segments (> 0) of each row."""
+    return int(sum(len(set(row[row > 0].tolist())) for row in np.asarray(batch["segment_ids"])))
+
+
+def _official_padded(batch) -> dict:
+    """The official model's inputs for rows that each hold one sample padded to the row length."""
+    tokens = np.asarray(batch["tokens"]).astype(np.int64)
+    real = np.asarray(batch["segment_ids"]) > 0
+    ids = np.where(real, tokens, 0)
+    b = len(tokens)
+    return {"pixel_values": np.ascontiguousarray(np.asarray(batch["pixel_values"])[:b].transpose(0, 3, 1, 2)),
+            "input_ids": ids, "num_images": (tokens < 0).any(axis=1).astype(np.int64),
+            "non_padding_mask": real[:, 1:].astype(np.int64), "non_media_mask": (ids[:, 1:] >= 0).astype(np.int64),
+            "prompt_mask": np.asarray(batch["loss_mask"])[:, :-1].astype(np.int64),
+            "attention_mask": real.astype(np.int64)}
+
+
+def end_to_end(kind: str, world: dict, a) -> dict:
+    """Trained samples per second on the demo world's `kind` data, same model, one run: the official step on
+    rows padded to `--max-length` (one sample each, `--official-rows` of them: its pipeline's layout), and
+    owl-jax's step fed by its own input pipeline (decode, tokenise, pack: timed too) on `--owl-rows` packed
+    rows of the same length. The official side is timed on one padded batch of real samples, its input
+    pipeline not counted."""
+    import jax
+
+    from owl_jax.config import load_config
+    from owl_jax.data import make_pipeline
+    from owl_jax.sharding import make_mesh
+    from owl_jax.training.train_step import create_trainer
+    from data_pipelines.tokenizers import load_tokenizer
+
+    common = COMMON + E2E_MODEL + STAGES[1 if kind == "captions" else 2] + E2E_DATA[kind](world) + [
+        f"data.tokenizer={world['tokenizer']}", f"data.seq_len={a.max_length}", "data.num_workers=0",
+        "data.augment=false", "data.hflip=false", "data.max_skip_fraction=0.5"]
+    packed = load_config("configs/tiny_test.yaml", common + [
+        "data.packing=true", f"data.global_batch_size={a.owl_rows}", f"data.images_per_batch={a.owl_images}"])
+    padded = load_config("configs/tiny_test.yaml", common + [
+        "data.packing=false", f"data.global_batch_size={a.official_rows}",
+        f"data.images_per_batch={a.official_rows}"])
+    tokenizer = load_tokenizer(world["tokenizer"])
+    pipe = make_pipeline(padded, tokenizer)
+    try:
+        official_batch = next(iter(pipe))
+    finally:
+        pipe.close()
+    mesh = make_mesh(packed.mesh, devices=jax.devices()[:1])
+    pipeline = make_pipeline(packed, tokenizer)
+    batches = iter(pipeline)
+    first = next(batches)
+    trainer = create_trainer(packed, mesh, batch_example=first)
+    with tempfile.TemporaryDirectory() as work:
+        adapter = write_weights(trainer, packed, work)
+        np.savez(os.path.join(work, "batch.npz"), **_official_padded(official_batch))
+        spec = {"official": os.path.abspath(a.official), "model_dir": work, "batch": os.path.join(work, "batch.npz"),
+                "stage": 1 if kind == "captions" else 2, "threads": a.threads, "lr": LR, "weight_decay": 0.0,
+                "lora": {"rank": packed.model.lora.rank, "alpha": packed.model.lora.alpha, "adapter": adapter}}
+        official = Official(a.python, spec, work)
+        ours, theirs = [], []
+        try:
+            trainer.step(trainer.put_batch(first))  # compile
+            for block in range(a.blocks):
+                theirs += official.steps(a.steps)[1 if block == 0 else 0:]
+                for _ in range(a.steps):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    metrics = trainer.step(trainer.put_batch(batch))
+                    jax.block_until_ready((metrics, trainer.state))
+                    ours.append((_samples(batch), time.perf_counter() - t0))
+        finally:
+            official.close()
+            pipeline.close()
+    official_rate = a.official_rows / statistics.median(r["seconds"] for r in theirs)
+    owl_rate = sum(n for n, _ in ours) / sum(t for _, t in ours)
+    return {"kind": kind, "max_length": a.max_length, "official_rows": a.official_rows,
+            "official_samples_per_s": official_rate, "official_step_s": statistics.median(r["seconds"] for r in theirs),
+            "owl_rows": a.owl_rows, "owl_samples_per_step": statistics.mean(n for n, _ in ours),
+            "owl_samples_per_s": owl_rate, "owl_step_s": statistics.median(t for _, t in ours),
+            "speedup": owl_rate / official_rate, "steps_timed": len(ours),
+            "loadavg": open("/proc/loadavg").read().split()[0]}
+
+
+def run_end_to_end(a) -> int:
+    from data_pipelines.synthetic import make_world
+    world = make_world(a.world, num_train_pictures=a.world_pictures, num_eval_pictures=8)
+    print("| data | official (padded to max_length) | owl-jax (packed) | owl-jax / official |\n| --- | --- | --- | --- |",
+          flush=True)
+    for kind in a.end_to_end.split(","):
+        if kind not in E2E_DATA:
+            print(f"error: --end-to-end takes {', '.join(E2E_DATA)}", file=sys.stderr)
+            return 2
+        r = end_to_end(kind, world, a)
+        print(f"| demo world {kind}, rows of {r['max_length']} | {r['official_rows']} samples / step, "
+              f"{r['official_step_s']:.2f} s / step = {r['official_samples_per_s']:.2f} samples/s | "
+              f"{r['owl_rows']} rows, {r['owl_samples_per_step']:.1f} samples / step, {r['owl_step_s']:.2f} s / step "
+              f"(input pipeline included) = {r['owl_samples_per_s']:.2f} samples/s | **{r['speedup']:.1f}x** |",
+              flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official", required=True, help="the mPLUG-Owl/ folder of an X-PLUG/mPLUG-Owl checkout")
@@ -215,6 +332,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--set", action="append", default=[], help="extra owl-jax config override (repeatable)")
     p.add_argument("--json", default="", help="append one JSON line per result to this file")
+    e = p.add_argument_group("end to end (part 3): trained samples/s on the same data, padding vs packing")
+    e.add_argument("--end-to-end", default="", help="captions,instructions: run this comparison instead")
+    e.add_argument("--world", default="/tmp/owl_vs_official_world", help="demo world folder (made if missing)")
+    e.add_argument("--world-pictures", type=int, default=400)
+    e.add_argument("--max-length", type=int, default=2048, help="the official recipes' max_length")
+    e.add_argument("--official-rows", type=int, default=2, help="padded rows (samples) per official step")
+    e.add_argument("--owl-rows", type=int, default=1, help="packed rows per owl-jax step")
+    e.add_argument("--owl-images", type=int, default=64, help="image budget of an owl-jax step")
     a = p.parse_args(argv)
     if not os.path.isfile(os.path.join(a.official, "mplug_owl", "modeling_mplug_owl.py")):
         print(f"error: {a.official} has no mplug_owl/modeling_mplug_owl.py (give the mPLUG-Owl/ folder of a "
@@ -226,6 +351,8 @@ def main(argv=None) -> int:
     if a.blocks < 2 or a.steps < 1:
         print("error: need --blocks >= 2 (the first is warm-up) and --steps >= 1", file=sys.stderr)
         return 2
+    if a.end_to_end:
+        return run_end_to_end(a)
     sizes = a.sizes.split(",")
     bad = [s for s in sizes if s not in SIZES]
     if bad:

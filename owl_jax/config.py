@@ -230,7 +230,9 @@ class ModelConfig:
     remat_policy: str = choice("none", "full", "dots", "dots_no_batch")
     # Stack layers and run them with a scan (faster compiles for deep models).
     scan_layers: bool = False
-    # jax.nn.dot_product_attention implementation.
+    # Attention kernel (owl_jax.models.layers.attention): xla = owl-jax's own (plain batched matmuls,
+    # FlashAttention's backward; every backend, attention dropout included) | cudnn = jax.nn's fused GPU
+    # kernel (LLaMA and the vision tower; no dropout).
     attention_impl: str = choice("xla", "cudnn")
     # Tokens per chunk of the vocabulary projection in the loss (0 = all at once).
     loss_chunk_size: int = 1024

@@ -330,3 +330,50 @@ def test_sincos2d_position_table_encodes_the_patch_grid():
     # only the position table differs between the two inits: the random key sequence is kept
     p1, p2 = canonical_params(model), canonical_params(normal)
     assert [k for k in p1 if not np.array_equal(p1[k], p2[k])] == ["vision_model.position_embedding"]
+
+
+@pytest.mark.parametrize("b, t, s, n, k, causal, segments, key_mask", [
+    (2, 12, 12, 4, 4, True, True, False),    # LLaMA: causal + packed segments
+    (2, 12, 12, 8, 2, True, True, False),    # grouped-query attention (4 query heads per key head)
+    (2, 5, 12, 4, 4, False, False, True),    # the Q-Former's key-padding mask
+    (3, 9, 17, 4, 4, False, False, False),   # cross-attention (the abstractor)
+    (2, 1, 12, 4, 2, False, False, True),    # one decode query over a KV cache
+])
+def test_attention_equals_jax_dot_product_attention_with_gradients(b, t, s, n, k, causal, segments, key_mask):
+    """`layers.attention` (written out, FlashAttention's backward) against `jax.nn.dot_product_attention`:
+    outputs and the gradients of q, k and v, for every mask kind the models use."""
+    import jax
+    from owl_jax.models.layers import attention
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, t, n, 16)), jnp.float32)
+    kv = [jnp.asarray(rng.normal(size=(b, s, k, 16)), jnp.float32) for _ in range(2)]
+    seg = jnp.asarray(np.sort(rng.integers(0, 3, size=(b, t)), axis=1), jnp.int32) if segments else None
+    mask = jnp.asarray(rng.random((b, 1, 1, s)) > 0.3).at[:, :, :, 0].set(True) if key_mask else None
+
+    def ours(q, key, value):
+        return attention(q, key, value, causal=causal, q_segment_ids=seg, mask=mask)
+
+    def reference(q, key, value):
+        m = None if seg is None else seg[:, None, :, None] == seg[:, None, None, :]
+        m = mask if m is None else m
+        return jax.nn.dot_product_attention(q, jnp.repeat(key, n // k, 2), jnp.repeat(value, n // k, 2), mask=m,
+                                            is_causal=causal)
+
+    np.testing.assert_allclose(ours(q, *kv), reference(q, *kv), atol=1e-6)
+    weights = jnp.asarray(rng.normal(size=(b, t, n, 16)), jnp.float32)
+    grads = [jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, *kv) for f in (ours, reference)]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_attention_dropout_acts_on_the_probabilities():
+    from owl_jax.models.layers import attention
+    rng = np.random.default_rng(1)
+    q, key, value = (jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32) for _ in range(3))
+    zeroed = attention(q, key, value, dropout=lambda p: jnp.zeros_like(p))
+    np.testing.assert_array_equal(zeroed, 0.0)
+    same = attention(q, key, value, dropout=lambda p: p)
+    np.testing.assert_allclose(same, attention(q, key, value), atol=1e-6)
+    with pytest.raises(ValueError, match="mask must be"):
+        attention(q, key, value, mask=jnp.ones((2, 6), bool))
+    assert jax.grad(lambda x: jnp.sum(attention(x, key, value, dropout=lambda p: p * 0.5)))(q).shape == q.shape

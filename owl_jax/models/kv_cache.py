@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from owl_jax.models.layers import LayerStack
+from owl_jax.models.layers import LayerStack, attention
 from owl_jax.models.llama import LlamaLayer, LlamaModel, apply_rope, rope_tables
 
 Cache = tuple[jax.Array, jax.Array]  # (keys, values), each [layers, batch, max_len, kv_heads, head_dim]
@@ -60,7 +60,7 @@ def _layer(layer: LlamaLayer, x: jax.Array, cos: jax.Array, sin: jax.Array, cach
     if attend_to_cache:
         k = jax.lax.dynamic_index_in_dim(keys, index, 0, keepdims=False).astype(q.dtype)
         v = jax.lax.dynamic_index_in_dim(values, index, 0, keepdims=False).astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = attention(q, k, v, mask=mask)
     x = x + attn.o_proj(out.reshape(b, t, attn.num_heads * attn.head_dim))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, (keys, values)

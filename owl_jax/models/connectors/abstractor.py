@@ -48,13 +48,8 @@ class AbstractorAttention(nnx.Module):
         q = self.query(x).reshape(b, q_len, h, d // h)
         k = self.key(kv).reshape(b, kv.shape[1], h, d // h)
         v = self.value(kv).reshape(b, kv.shape[1], h, d // h)
-        if self.dropout.deterministic or self.dropout.rate == 0:
-            out = attention(q, k, v, implementation=self.attention_impl)
-        else:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(scores / jnp.sqrt(jnp.float32(d // h)), axis=-1)
-            probs = self.dropout(probs).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        drop = None if self.dropout.deterministic or self.dropout.rate == 0 else self.dropout
+        out = attention(q, k, v, dropout=drop, implementation=self.attention_impl if drop is None else "xla")
         return out.reshape(b, q_len, d)
 
 

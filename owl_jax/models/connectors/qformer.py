@@ -37,7 +37,7 @@ from flax import nnx
 
 from owl_jax.config import ModelConfig, QFormerConfig
 from owl_jax.models.connectors import FeatureDefaults
-from owl_jax.models.layers import Dense, LayerNorm, LayerStack, dtype_of, normal_init
+from owl_jax.models.layers import Dense, LayerNorm, LayerStack, attention, dtype_of, normal_init
 
 ATTRIBUTE = "qformer"
 DEFAULTS = FeatureDefaults(layers=(-1,), strategy="full", post_layernorm=True)
@@ -72,15 +72,9 @@ class QFormerAttention(nnx.Module):
         k = self.key(kv).reshape(b, kv.shape[1], h, d // h)
         v = self.value(kv).reshape(b, kv.shape[1], h, d // h)
         mask = None if kv_mask is None else kv_mask[:, None, None, :]
-        if self.attention_dropout.deterministic or self.attention_dropout.rate == 0:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        else:  # dropout on the attention probabilities, as BERT does: softmax written out
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            scores = scores / jnp.sqrt(jnp.float32(d // h))
-            if mask is not None:
-                scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            probs = self.attention_dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        drop = None if self.attention_dropout.deterministic or self.attention_dropout.rate == 0 \
+            else self.attention_dropout  # on the probabilities, as BERT does
+        out = attention(q, k, v, mask=mask, dropout=drop)
         return self.norm(x + self.dropout(self.output(out.reshape(b, t, d))))
 
 
