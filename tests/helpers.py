@@ -115,3 +115,37 @@ def cli_env(devices: int | None = None) -> dict:
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", e.get("XLA_FLAGS", ""))
         e["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     return e
+
+
+#: Flat-colour test pictures (56 px, noisy) whose colour a tiny model learns in a few steps.
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+
+
+def colour_picture(name: str, rng):
+    """A 56 x 56 picture of colour `name` with Gaussian noise (a PIL image)."""
+    from PIL import Image
+    return Image.fromarray(np.clip(np.array(COLOURS[name]) + rng.normal(0, 20, (56, 56, 3)), 0, 255).astype(np.uint8))
+
+
+def write_colour_data(root, count: int = 16, seed: int = 0):
+    """Training data for the tiny train-CLI runs under `root`: `count` pictures cycling through COLOURS as
+    caption shards (`c-000.tar`, ..., 8 samples each, "a {colour} picture") and as LLaVA-format chat
+    (`images/{i}.png` + `chat.json`: "What colour is it?" -> the colour). Returns (the shards' brace pattern,
+    chat.json, the image folder)."""
+    import json
+    from pathlib import Path
+    from data_pipelines.writer import write_caption_shards
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    write_caption_shards(((f"{i:05d}", colour_picture(names[i % 3], rng), f"a {names[i % 3]} picture")
+                          for i in range(count)), str(root / "c-%03d.tar"), 8)
+    (root / "images").mkdir(exist_ok=True)
+    records = []
+    for i in range(count):
+        colour_picture(names[i % 3], rng).save(root / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": names[i % 3]}]})
+    (root / "chat.json").write_text(json.dumps(records))
+    shards = (count + 7) // 8
+    return f"{root}/c-{{000..{shards - 1:03d}}}.tar", root / "chat.json", root / "images"

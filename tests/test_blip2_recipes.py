@@ -15,23 +15,16 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from helpers import cli_env
+from helpers import COLOURS, cli_env, colour_picture, write_colour_data
 
 pytest.importorskip("torch")  # (tests/test_blip2.py's fixtures are not needed; kept with the family's tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 TINY = ["data.tokenizer=toy:512", "data.num_workers=0", "data.global_batch_size=4", "data.images_per_batch=4",
         "training.steps=2", "training.checkpoint_every=2", "optimizer.warmup_steps=1", "logging.tensorboard=false",
         "logging.progress=false", "mesh.fsdp=1",
         "model.frozen_param_dtype=float32"]  # the recipes store frozen weights in bf16; the tiny model compares bits
-
-
-def _picture(colour: str, rng) -> Image.Image:
-    pixels = np.clip(np.asarray(COLOURS[colour]) + rng.integers(-20, 20, (56, 56, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
 
 
 def _recipe(tmp_path, recipe: str, model: str) -> str:
@@ -56,27 +49,19 @@ def _moved(before: dict, after: dict) -> set[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Caption shards (stage 1), a cc_sbu_align folder (MiniGPT-4 stage 2), LLaVA-format instructions with
-    images (InstructBLIP) and a WordPiece vocabulary for the Q-Former."""
-    from data_pipelines.writer import write_caption_shards
+    """Caption shards (stage 1) and LLaVA-format chat with images (InstructBLIP) from
+    `helpers.write_colour_data`, a cc_sbu_align folder (MiniGPT-4 stage 2) and a WordPiece vocabulary for
+    the Q-Former."""
     root = tmp_path_factory.mktemp("blip2_recipes")
-    rng = np.random.default_rng(0)
+    write_colour_data(root)
+    rng = np.random.default_rng(1)
     names = list(COLOURS)
-    write_caption_shards(((f"{i:05d}", _picture(names[i % 3], rng), f"a {names[i % 3]} picture") for i in range(16)),
-                         str(root / "c-%03d.tar"), 8)
     (root / "align" / "image").mkdir(parents=True)
     annotations = []
     for i in range(8):
-        _picture(names[i % 3], rng).save(root / "align" / "image" / f"{i}.jpg")
+        colour_picture(names[i % 3], rng).save(root / "align" / "image" / f"{i}.jpg")
         annotations.append({"image_id": str(i), "caption": f"The picture is {names[i % 3]} all over."})
     (root / "align" / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
-    (root / "images").mkdir()
-    records = []
-    for i in range(8):
-        _picture(names[i % 3], rng).save(root / "images" / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": names[i % 3]}]})
-    (root / "instructions.json").write_text(json.dumps(records))
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "colour", "is",
                                                "it", "?"]) + "\n")
     return root
@@ -111,7 +96,7 @@ def test_instructblip_recipe_trains_the_qformer_and_generates_from_the_question(
     run = tmp_path / "instructblip"
     config = _recipe(tmp_path, "configs/instructblip_vicuna7b.yaml", "configs/model/tiny_instructblip.yaml")
     out = _train(config, run, "model.text.pad_token_id=0", "data.seq_len=64", f"data.qformer_tokenizer={data}/vocab.txt",
-                 f"data.sources=[{{name: ib, path: '{data}/instructions.json', format: llava, "
+                 f"data.sources=[{{name: ib, path: '{data}/chat.json', format: llava, "
                  f"image_root: '{data}/images'}}]")
     cfg, model = load_run(run)
     assert cfg.training.stage == "instructblip" and cfg.data.template == "instructblip"

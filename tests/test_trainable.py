@@ -15,7 +15,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
 from owl_jax.config import ConfigError, load_config
 from owl_jax.convert.state import canonical_params
@@ -24,7 +23,7 @@ from owl_jax.models.owl import build_model
 from owl_jax.sharding import make_mesh
 from owl_jax.training.stages import PRESETS, STAGES, resolve_trainable
 from owl_jax.training.train_step import abstract_train_state, create_trainer
-from helpers import cli_env, image_train_batch
+from helpers import cli_env, image_train_batch, write_colour_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/model/tiny_llava.yaml on top of the tiny training recipe (as tests/test_llava.py)
@@ -256,36 +255,18 @@ def test_the_train_cli_shows_a_pattern_that_matches_nothing_in_one_line(tmp_path
 # checkpoint, both through the train CLI, then generation from the run
 # --------------------------------------------------------------------------------------------------------
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-
-def _picture(name: str, rng) -> Image.Image:
-    return Image.fromarray(np.clip(np.array(COLOURS[name]) + rng.normal(0, 20, (56, 56, 3)), 0, 255).astype(np.uint8))
-
-
 def test_tiny_llava_stage1_then_stage2_then_generation(tmp_path):
-    from data_pipelines.writer import write_caption_shards
-    rng = np.random.default_rng(0)
-    names = list(COLOURS)
-    write_caption_shards(((f"{i:05d}", _picture(names[i % 3], rng), f"a {names[i % 3]} picture") for i in range(16)),
-                         str(tmp_path / "c-%03d.tar"), 8)
-    (tmp_path / "images").mkdir()
-    records = []
-    for i in range(16):
-        _picture(names[i % 3], rng).save(tmp_path / "images" / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": names[i % 3]}]})
-    (tmp_path / "chat.json").write_text(json.dumps(records))
+    shards, chat, images = write_colour_data(tmp_path)
     common = [*TINY_LLAVA, "data.num_workers=0", "data.global_batch_size=4", "data.images_per_batch=4",
               "data.seq_len=48", "training.steps=2", "training.checkpoint_every=2", "logging.tensorboard=false",
               "logging.progress=false", "mesh.fsdp=1"]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     runs = {
-        stage1: ["training.stage=llava_stage1", f"data.train_paths=['{tmp_path}/c-{{000..001}}.tar']"],
+        stage1: ["training.stage=llava_stage1", f"data.train_paths=['{shards}']"],
         stage2: ["training.stage=llava_stage2", "data.kind=instructions", "data.template=vicuna_v1",
                  "data.system_prompt=''",
-                 f"data.sources=[{{name: chat, path: '{tmp_path / 'chat.json'}', format: llava, "
-                 f"image_root: '{tmp_path / 'images'}'}}]", f"init.from_checkpoint={stage1}",
+                 f"data.sources=[{{name: chat, path: '{chat}', format: llava, image_root: '{images}'}}]",
+                 f"init.from_checkpoint={stage1}",
                  # a learning-rate group, saved and restored with the run (its optimizer state included)
                  r"optimizer.param_groups=[{name: projector, patterns: ['^projector\.'], learning_rate: 1e-4}]"],
     }
@@ -308,7 +289,7 @@ def test_tiny_llava_stage1_then_stage2_then_generation(tmp_path):
         assert np.array_equal(p1[name], init[name]) == (part != "connector"), name
         assert np.array_equal(p2[name], p1[name]) == (part in ("vision", "ln_vision")), name
     proc = subprocess.run([sys.executable, "-m", "owl_jax.generate", "--checkpoint", str(stage2), "--image",
-                           str(tmp_path / "images" / "0.png"), "--prompt", "What colour is it?",
+                           str(images / "0.png"), "--prompt", "What colour is it?",
                            "--max-new-tokens", "3"], cwd=ROOT, env=cli_env(devices=1), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "error" not in proc.stderr, proc.stderr[-3000:]

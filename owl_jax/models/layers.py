@@ -144,7 +144,7 @@ def _attend(qt, kt, vt, keep, g):
     autodiff of softmax gives). XLA:CPU fuses that T x S reduction into the dP matmul, which then runs at
     a fifth of matmul speed (the largest single cost of a small LLM's train step on CPU); without it the
     backward is four plain matmuls and elementwise work."""
-    return jnp.matmul(_probs(qt, kt, keep, g).astype(vt.dtype), vt)
+    return _attend_fwd(qt, kt, vt, keep, g)[0]
 
 
 def _attend_fwd(qt, kt, vt, keep, g):
@@ -217,15 +217,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         if mask.ndim != 4 or mask.shape[1] != 1:
             raise ValueError(f"attention mask must be [B, 1, T, S] (one for all heads), got {mask.shape}")
         keep = mask[:, :, None] if keep is None else keep & mask[:, :, None]
-    vt = v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     if dropout is None:
-        out = _attend(qt, k.transpose(0, 2, 1, 3), vt, keep, g)
+        out = _attend(qt, kt, vt, keep, g)
     else:  # dropout on the probabilities: plain autodiff
-        scores = jnp.matmul(qt, k.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32).reshape(b, kh, g, t, s)
-        if keep is not None:
-            scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        probs = dropout(jax.nn.softmax(scores, axis=-1))
-        out = jnp.matmul(probs.astype(v.dtype).reshape(b, kh, g * t, s), vt)
+        out = jnp.matmul(dropout(_probs(qt, kt, keep, g)).astype(v.dtype), vt)
     return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 

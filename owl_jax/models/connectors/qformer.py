@@ -254,7 +254,7 @@ def step_flops(cfg: ModelConfig, num_features: int, feature_dim: int, *, trained
     image_kv = (c.num_layers // c.cross_attention_frequency) * 2.0 * 2 * num_features * feature_dim * c.hidden_size
     if trained_parts - {"language_projection"}:
         return 3 * (linear + attn) - (0 if input_grad else image_kv)
-    projection = 2.0 * c.num_queries * c.hidden_size * cfg.text.hidden_size
+    projection = 2.0 * c.num_queries * c.hidden_size * cfg.text.hidden_size  # its forward, inside `linear`
+    body = linear - projection
     projection *= 1 + ("language_projection" in trained_parts) + input_grad
-    body = linear - 2.0 * c.num_queries * c.hidden_size * cfg.text.hidden_size
     return (2 * body + 3 * attn if input_grad else body + attn) + projection
