@@ -155,6 +155,7 @@ class AotReport:
 
 
 def _compile(cfg: Config, devices):
+    import jax
     from owl_jax.sharding import batch_shardings, make_mesh
     from owl_jax.training.train_step import abstract_batch, abstract_train_state, jit_step
     mesh = make_mesh(cfg.mesh, devices)
@@ -162,7 +163,8 @@ def _compile(cfg: Config, devices):
     batch = abstract_batch(cfg)
     step = jit_step(graphdef, cfg, schedule, shardings, batch_shardings(batch, mesh))
     start = time.time()
-    compiled = step.lower(abstract_state, batch).compile()
+    with jax.set_mesh(mesh):  # as Trainer.step traces it (kernels without a partitioning rule shard_map on it)
+        compiled = step.lower(abstract_state, batch).compile()
     return mesh, compiled, time.time() - start
 
 

@@ -232,8 +232,10 @@ class ModelConfig:
     scan_layers: bool = False
     # Attention kernel (owl_jax.models.layers.attention): xla = owl-jax's own (plain batched matmuls,
     # FlashAttention's backward; every backend, attention dropout included) | cudnn = jax.nn's fused GPU
-    # kernel (LLaMA and the vision tower; no dropout).
-    attention_impl: str = choice("xla", "cudnn")
+    # kernel (LLaMA and the vision tower; no dropout) | splash = on TPU, the LLM's causal attention in the
+    # Pallas splash kernel (tiles in VMEM, skips the masked tiles; data.seq_len a multiple of 128), the
+    # rest in the XLA path; other backends run the XLA path throughout.
+    attention_impl: str = choice("xla", "cudnn", "splash")
     # Tokens per chunk of the vocabulary projection in the loss (0 = all at once).
     loss_chunk_size: int = 1024
 
@@ -896,6 +898,9 @@ def _run_problems(config: Config) -> list[str]:
     p += _param_group_problems(config.optimizer)
     _check_positive(p, "data", config.data, ("seq_len", "global_batch_size"))
     _check_positive(p, "training", config.training, ("grad_accum_steps",))
+    if config.model.attention_impl == "splash" and config.data.seq_len % 128:
+        p.append(f"model.attention_impl=splash tiles the LLM's rows in blocks of 128 tokens: data.seq_len must be "
+                 f"a multiple of 128, got {config.data.seq_len}")
     return p
 
 

@@ -60,7 +60,8 @@ class Trainer:
         return {k: jax.device_put(np.asarray(v), shardings[k]) for k, v in batch.items()}
 
     def step(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-        self.state, metrics = self.step_fn(self.state, dict(batch))
+        with jax.set_mesh(self.mesh):  # the context mesh: kernels without a partitioning rule shard_map on it
+            self.state, metrics = self.step_fn(self.state, dict(batch))
         return metrics
 
     def model(self) -> MplugOwl:
