@@ -191,7 +191,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
     into the batched dots, which XLA:CPU's dot library then runs at a fifth of its matmul speed; here the
     heads move to the batch dimension once (explicit transposes) so every product is a plain batched
     matmul. Compiled for TPU or GPU, the same call is jax's XLA attention (`jax.lax.platform_dependent`
-    picks per backend at lowering; its memory on TPU is the lower one). `implementation="cudnn"` keeps jax's fused GPU kernel (no dropout, no extra mask there).
+    picks per backend at lowering; its memory on TPU is the lower one). `implementation="cudnn"` keeps
+    jax's fused GPU kernel (no dropout, no extra mask there).
     `implementation="splash"` runs causal self-attention whose length tiles (a multiple of 128) in the
     Pallas splash kernel when compiled for TPU (`owl_jax.models.splash`; the XLA path on other backends),
     everything else in the XLA path.
@@ -200,18 +201,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         from owl_jax.models import splash  # the Pallas import only where the kernel is asked for
         if (causal and mask is None and dropout is None and kv_segment_ids is None
                 and splash.supports(q.shape[1], k.shape[1])):
-            xla = functools.partial(attention, causal=True, implementation="xla")
-            return jax.lax.platform_dependent(q, k, v, q_segment_ids, tpu=splash.sharded_causal_attention,
-                                              default=lambda q, k, v, seg: xla(q, k, v, q_segment_ids=seg))
+            return jax.lax.platform_dependent(
+                q, k, v, q_segment_ids, tpu=splash.sharded_causal_attention,
+                default=lambda q, k, v, seg: attention(q, k, v, causal=True, q_segment_ids=seg))
         implementation = "xla"  # the towers, cross-attention, untiled lengths, the KV-cache decode
     if implementation != "xla":
         if dropout is not None or mask is not None:
             raise ValueError(f"attention implementation {implementation!r} takes neither dropout nor a mask")
-        seg = None
-        if q_segment_ids is not None:
-            kv = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-            seg = q_segment_ids[:, None, :, None] == kv[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=seg, is_causal=causal, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, mask=_segment_mask(q_segment_ids, kv_segment_ids),
+                                            is_causal=causal, implementation=implementation)
     if mask is not None and (mask.ndim != 4 or mask.shape[1] != 1):
         raise ValueError(f"attention mask must be [B, 1, T, S] (one for all heads), got {mask.shape}")
     if dropout is not None:  # the abstractor's training: only the written-out form takes dropout
@@ -225,17 +223,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
         default=lambda *a: _jax_xla(*a[:3], causal, *a[3:]))
 
 
+def _segment_mask(q_segment_ids, kv_segment_ids):
+    """[B, 1, T, S] True where query and key share a segment (None without segment ids)."""
+    if q_segment_ids is None:
+        return None
+    kv = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    return q_segment_ids[:, None, :, None] == kv[:, None, None, :]
+
+
+def _causal_mask(t: int, s: int):
+    """[T, S] causal mask, bottom-right aligned (query i sees keys up to i + S - T: a KV-cache's rows)."""
+    return (jnp.arange(t)[:, None] + (s - t)) >= jnp.arange(s)[None, :]
+
+
 def _jax_xla(q, k, v, causal, q_segment_ids, kv_segment_ids, mask):
     """`jax.nn.dot_product_attention(implementation="xla")` with the segment and extra masks combined."""
-    keep = None
-    if q_segment_ids is not None:
-        kv = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-        keep = q_segment_ids[:, None, :, None] == kv[:, None, None, :]
+    keep = _segment_mask(q_segment_ids, kv_segment_ids)
     if mask is not None:
         keep = mask if keep is None else keep & mask
-    if causal and q.shape[1] != k.shape[1]:  # bottom-right aligned, as the written-out form
-        t, s = q.shape[1], k.shape[1]
-        tri = (jnp.arange(t)[:, None] + (s - t)) >= jnp.arange(s)[None, :]
+    if causal and q.shape[1] != k.shape[1]:  # jax aligns top-left; the written-out form bottom-right
+        tri = _causal_mask(q.shape[1], k.shape[1])
         keep, causal = (tri if keep is None else keep & tri), False
     return jax.nn.dot_product_attention(q, k, v, mask=keep, is_causal=causal, implementation="xla")
 
@@ -247,12 +254,11 @@ def _written_out(q, k, v, causal, q_segment_ids, kv_segment_ids, mask, dropout):
     scale = np.float32(1.0 / np.sqrt(h))
     # [B, K, G*T, H] @ [B, K, H, S]: the G query heads of one key head stacked along the rows
     qt = (q * scale.astype(q.dtype)).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-    keep = None
-    if q_segment_ids is not None:
-        kv = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-        keep = (q_segment_ids[:, :, None] == kv[:, None, :])[:, None, None]  # [B, 1, 1, T, S]
+    keep = _segment_mask(q_segment_ids, kv_segment_ids)
+    if keep is not None:
+        keep = keep[:, :, None]  # [B, 1, 1, T, S] beside the K, G head axes
     if causal:
-        tri = (jnp.arange(t)[:, None] + (s - t)) >= jnp.arange(s)[None, :]
+        tri = _causal_mask(t, s)
         keep = tri if keep is None else keep & tri
     if mask is not None:  # [B or 1, 1, T or 1, S] -> [B, 1, 1, T, S] beside the K, G head axes
         keep = mask[:, :, None] if keep is None else keep & mask[:, :, None]

@@ -9,7 +9,7 @@ this module only chooses its block sizes, handles grouped-query heads and places
 
 A Pallas call has no partitioning rule, so under `jax.jit` with a mesh it runs inside `jax.shard_map`
 (attention is independent per row and per head): rows over the mesh axes the default logical rules
-give the batch (`data`, `fsdp`), heads over `tensor`, each where it divides. The mesh comes from the
+give the batch (`data`, `fsdp`), heads over `tensor`, each where it divides (`logical_to_mesh_spec`). The mesh comes from the
 context (`jax.set_mesh`, which the trainer and the AOT compile set); without one the kernel runs as is.
 """
 
@@ -25,9 +25,12 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec
 
+from owl_jax.sharding import BATCH_AXES, logical_to_mesh_spec
+
 BLOCK_SIZES = (512, 256, 128)  # tried in order: the largest that divides the sequence
-BATCH_AXES = ("data", "fsdp")  # the default rules' "batch"
-HEAD_AXIS = "tensor"  # the default rules' "heads" / "kv_heads"
+# How the step lays out q, k, v: rows as the batch is placed (owl_jax.sharding.batch_sharding), heads as
+# the default rules place the q/k/v projections' "heads" / "kv_heads" outputs.
+_ACTIVATION_RULES = (("batch", BATCH_AXES), ("heads", ("tensor",)))
 
 
 def splash_block(length: int) -> int | None:
@@ -78,15 +81,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     return out.transpose(0, 2, 1, 3)
 
 
-def _axes_dividing(mesh, axes, size: int) -> tuple[str, ...]:
-    picked, product = [], 1
-    for name in axes:
-        if name in mesh.shape and mesh.shape[name] > 1 and size % (product * mesh.shape[name]) == 0:
-            picked.append(name)
-            product *= mesh.shape[name]
-    return tuple(picked)
-
-
 def sharded_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *,
                              interpret: bool = False) -> jax.Array:
     """`causal_attention` on the context mesh: rows over data × fsdp, heads over tensor where they divide
@@ -94,17 +88,15 @@ def sharded_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.shape.values()) == 1:
         return causal_attention(q, k, v, segment_ids, interpret=interpret)
-    rows = _axes_dividing(mesh, BATCH_AXES, q.shape[0])
-    heads = _axes_dividing(mesh, (HEAD_AXIS,), math.gcd(q.shape[2], k.shape[2]))
-    rows_spec, heads_spec = (rows or None), (heads[0] if heads else None)
-    qkv_spec = PartitionSpec(rows_spec, None, heads_spec, None)
-    seg_spec = PartitionSpec(rows_spec, None)
+    # heads split only as far as both query and key heads divide (a key head's queries stay together)
+    b, t, n, h = q.shape
+    qkv_spec = logical_to_mesh_spec(("batch", None, "heads", None), (b, t, math.gcd(n, k.shape[2]), h), mesh,
+                                    _ACTIVATION_RULES)
+    args, specs = (q, k, v), (qkv_spec,) * 3
+    if segment_ids is not None:
+        args, specs = args + (segment_ids.astype(jnp.int32),), specs + (PartitionSpec(qkv_spec[0], None),)
 
-    def local(q, k, v, seg):
-        return causal_attention(q, k, v, seg, interpret=interpret)
+    def local(q, k, v, *seg):
+        return causal_attention(q, k, v, seg[0] if seg else None, interpret=interpret)
 
-    if segment_ids is None:
-        return jax.shard_map(lambda q, k, v: local(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
-                             out_specs=qkv_spec, check_vma=False)(q, k, v)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
-                         check_vma=False)(q, k, v, segment_ids.astype(jnp.int32))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec, check_vma=False)(*args)

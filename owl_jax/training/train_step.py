@@ -82,7 +82,8 @@ class Trainer:
     def eval_terms(self, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
         """(summed token loss, token count) of `batch` under the current weights, in eval mode; compiled
         once per batch shape, separately from the train step."""
-        return self._eval_fn(self.state, dict(batch))
+        with jax.set_mesh(self.mesh):  # traced as the step is (see `step`)
+            return self._eval_fn(self.state, dict(batch))
 
 
 def _cast_frozen(model: MplugOwl, keep: Callable, dtype) -> None:
